@@ -1,0 +1,201 @@
+"""``tuneforge <verb>``: parse arguments, load the config, hand over to a recipe or tool.
+
+Errors a user can cause (config, data, paths) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tuneforge.errors import USER_ERROR_EXIT_CODE, UserError
+
+MODEL_HELP = ("a model: 'default' (embedded SmolLM2-135M-Instruct), a Hugging Face folder, a .gguf file, a tuneforge "
+              "run directory (base + adapter), or a hub id")
+
+
+def _train(args) -> int:
+    from tuneforge.config import load_config
+    from tuneforge.recipes.sft import run_sft
+
+    config = load_config(args.config, args.overrides)
+    log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    summary = run_sft(config, overwrite=args.overwrite, log=log)
+    print(json.dumps(summary))
+    return 0
+
+
+def _preview(args) -> int:
+    from tuneforge.config import load_config
+    from tuneforge.data.dataset import DataReport, load_conversations, tokenize_conversations
+    from tuneforge.data.preview import render_example
+    from tuneforge.data.templates import load_template
+    from tuneforge.models.loading import load_tokenizer, resolve_model
+
+    config = load_config(args.config, args.overrides)
+    report = DataReport()
+    conversations = load_conversations(config.data.train, config.data, report)
+    tokenizer = load_tokenizer(resolve_model(config.model.name_or_path))
+    template = load_template(config.data.template, tokenizer)
+    examples = tokenize_conversations(conversations, template, tokenizer, config.data, report)
+    colour = sys.stdout.isatty() and not args.no_color
+    print(f"template: {template.name}; trained tokens are "
+          + ("shown in green" if colour else "between [[ and ]]"))
+    for example in examples[: args.n]:
+        print(f"--- row {example.row} ({len(example.input_ids)} tokens, {example.num_trained} trained"
+              f"{', truncated' if example.truncated else ''})")
+        print(render_example(example, tokenizer, colour))
+    print("---")
+    for line in report.lines():
+        print(line)
+    return 0
+
+
+def _generate(args) -> int:
+    from tuneforge.data.formats import Message
+    from tuneforge.inference import Generator
+
+    generator = Generator.load(args.model, template=args.template, dtype=args.dtype)
+    messages = ([Message("system", args.system)] if args.system else []) + [Message("user", args.prompt)]
+    print(generator.generate([messages], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p)[0])
+    return 0
+
+
+def _chat(args) -> int:
+    from tuneforge.data.formats import Message
+    from tuneforge.inference import Generator
+
+    generator = Generator.load(args.model, template=args.template, dtype=args.dtype)
+    history = [Message("system", args.system)] if args.system else []
+    print("tuneforge chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            text = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if text.strip() in ("/exit", "/quit"):
+            return 0
+        if text.strip() == "/reset":
+            history = history[:1] if history and history[0].role == "system" else []
+            continue
+        if not text.strip():
+            continue
+        history.append(Message("user", text))
+        answer = generator.generate([history], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    top_p=args.top_p)[0]
+        history.append(Message("assistant", answer or " "))
+        print(f"assistant> {answer}")
+
+
+def _import_gguf(args) -> int:
+    from tuneforge.models.loading import import_gguf
+
+    out = import_gguf(args.gguf_file, args.out_dir, dtype=args.dtype)
+    print(f"imported {args.gguf_file} into {out}")
+    return 0
+
+
+def _merge(args) -> int:
+    from tuneforge.models.merge import merge_run
+
+    out = merge_run(args.run_dir, args.out_dir, dtype=args.dtype)
+    print(f"merged {args.run_dir} into {out}")
+    return 0
+
+
+def _bench(args) -> int:
+    from tuneforge.bench import run_bench
+
+    result = run_bench(method=args.method, model=args.model, data=args.data, batch_size=args.batch_size,
+                       max_length=args.max_length, steps=args.steps, lora_r=args.lora_r, dtype=args.dtype,
+                       packing=args.packing, full=args.full)
+    print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tuneforge.config import describe_options
+
+    parser = argparse.ArgumentParser(
+        prog="tuneforge", description="Post-training for causal language models (SFT with LoRA or full fine-tuning).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'tuneforge VERB --help' for the options of each verb.")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    train = verbs.add_parser(
+        "train", help="train with the method named in the config (method: sft)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train from a YAML config plus key=value overrides with dotted keys "
+                    "(train.lr=1e-4 lora.r=8).",
+        epilog="Config options (key (type) = default):\n" + describe_options())
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lora.r=8 train.epochs=1")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.set_defaults(func=_train)
+
+    data = verbs.add_parser("data", help="inspect training data").add_subparsers(dest="data_verb", metavar="VERB")
+    data.required = True
+    preview = data.add_parser("preview", help="show formatted rows with trained tokens marked, then counts")
+    preview.add_argument("config", help="YAML config file (its data and template are used)")
+    preview.add_argument("overrides", nargs="*", help="key=value overrides")
+    preview.add_argument("--n", type=int, default=3, help="rows to show (default 3)")
+    preview.add_argument("--no-color", action="store_true", help="mark trained tokens with [[ ]] even on a terminal")
+    preview.set_defaults(func=_preview)
+
+    for name, func, text in (("generate", _generate, "answer one prompt"), ("chat", _chat, "interactive chat")):
+        verb = verbs.add_parser(name, help=text, description=f"{text.capitalize()} with the training template.")
+        verb.add_argument("model", help=MODEL_HELP)
+        if name == "generate":
+            verb.add_argument("--prompt", required=True, help="the user message")
+        verb.add_argument("--system", help="system message")
+        verb.add_argument("--template", help="template override (default: the run's own, else the tokenizer's)")
+        verb.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
+        verb.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        verb.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
+        verb.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        verb.set_defaults(func=func)
+
+    gguf = verbs.add_parser("import-gguf", help="turn a GGUF file into a trainable Hugging Face checkpoint")
+    gguf.add_argument("gguf_file", help="path of the .gguf file")
+    gguf.add_argument("out_dir", help="new folder for the checkpoint (must not exist or be empty)")
+    gguf.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gguf.set_defaults(func=_import_gguf)
+
+    merge = verbs.add_parser("merge", help="merge a LoRA run's adapter into its base and save a plain checkpoint")
+    merge.add_argument("run_dir", help="a LoRA run directory")
+    merge.add_argument("out_dir", help="new folder for the merged model")
+    merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    merge.set_defaults(func=_merge)
+
+    bench = verbs.add_parser("bench", help="time a short fixed training workload; prints one JSON line",
+                             description="Throughput (tokens/s, padding excluded), peak memory and model FLOPs "
+                                         "utilisation of a short training workload, after one warm-up step.")
+    bench.add_argument("--method", default="sft", choices=["sft"])
+    bench.add_argument("--model", default="default", help=MODEL_HELP)
+    bench.add_argument("--data", help="an SFT data file (default: fixed synthetic rows)")
+    bench.add_argument("--batch-size", type=int, default=4)
+    bench.add_argument("--max-length", type=int, default=256)
+    bench.add_argument("--steps", type=int, default=5, help="timed steps after the warm-up step (default 5)")
+    bench.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2r)")
+    bench.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                       help="bfloat16 runs bf16 autocast over float32 weights")
+    bench.add_argument("--packing", action="store_true", help="pack rows into max-length sequences")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE

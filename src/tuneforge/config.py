@@ -1,0 +1,357 @@
+"""Typed, validated run configuration.
+
+A run is described by one YAML file plus ``key=value`` overrides with dotted keys (``lora.r=8``).
+Unknown keys, wrong types and out-of-range values fail here, before any data or model is loaded.
+
+Every option, its type and its default is listed in the dataclasses below; ``tuneforge train --help``
+prints the same list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, get_args, get_origin
+
+import yaml
+
+from tuneforge.errors import ConfigError
+
+DEFAULT_MODEL = "default"  # the embedded SmolLM2-135M-Instruct, imported from its GGUF file once
+
+
+@dataclass
+class ModelConfig:
+    """Which model to start from and how to load it.
+
+    Attributes:
+        name_or_path: ``default`` (embedded SmolLM2-135M-Instruct), a local Hugging Face folder, a ``.gguf``
+            file, a tuneforge run directory, or a hub id.
+        dtype: weight dtype: ``float32``, ``bfloat16`` or ``float16``.
+        attn_implementation: attention kernel passed to transformers (``sdpa`` or ``eager``).
+    """
+
+    name_or_path: str = DEFAULT_MODEL
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+@dataclass
+class DataConfig:
+    """Where the rows come from and how they become token ids and labels.
+
+    Attributes:
+        train: path of the training file (JSONL, JSON, CSV, Parquet, or a folder saved by ``datasets``).
+        validation: optional separate validation file.
+        val_fraction: fraction of the training rows held out for validation when ``validation`` is unset.
+        format: row format; ``auto`` detects it from the row's keys.
+        template: ``auto`` (the tokenizer's chat template if it has one, else ``chatml``), ``tokenizer``,
+            ``chatml``, ``alpaca``, ``simple``, or the path of a Jinja chat-template file.
+        system_prompt: system message added to conversations that have none.
+        max_length: longest sequence in tokens; longer rows are truncated from the end.
+        train_on_prompt: train on every token, not only the assistant responses.
+        on_error: ``raise`` stops at the first bad row; ``skip`` drops bad rows and counts them by reason.
+        on_truncation: what to do with a row whose truncation would remove a whole response:
+            ``drop`` (counted) or ``raise``.
+        packing: concatenate rows into sequences of ``max_length`` tokens, with attention kept inside each row.
+        shuffle: shuffle the training rows every epoch (with the run's seed).
+    """
+
+    train: str = ""
+    validation: Optional[str] = None
+    val_fraction: float = 0.0
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"] = "auto"
+    template: str = "auto"
+    system_prompt: Optional[str] = None
+    max_length: int = 512
+    train_on_prompt: bool = False
+    on_error: Literal["raise", "skip"] = "raise"
+    on_truncation: Literal["drop", "raise"] = "drop"
+    packing: bool = False
+    shuffle: bool = True
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through PEFT. Defaults follow common practice: r=16, alpha=2r, all linear layers.
+
+    Attributes:
+        enabled: train LoRA adapters; ``false`` means full fine-tuning.
+        r: adapter rank.
+        alpha: scaling numerator (the update is scaled by alpha/r, or alpha/sqrt(r) with rsLoRA).
+        dropout: dropout on the adapter input.
+        target_modules: ``all-linear`` (every linear layer but the output head) or a list of module names.
+        bias: ``none``, ``all`` or ``lora_only``.
+        use_rslora: rank-stabilised scaling alpha/sqrt(r).
+        use_dora: weight-decomposed LoRA (DoRA).
+    """
+
+    enabled: bool = True
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: Any = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop.
+
+    Attributes:
+        output_dir: run directory; an existing one is refused unless ``--overwrite`` is given.
+        epochs: passes over the training data (ignored when ``max_steps`` is set).
+        max_steps: stop after this many optimiser steps.
+        batch_size: rows (or packs) per micro-batch.
+        grad_accum: micro-batches per optimiser step; the loss of a step is the mean over all trained tokens
+            of all its micro-batches.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (not applied to biases and norms).
+        betas: AdamW betas.
+        scheduler: ``constant``, ``linear`` or ``cosine`` decay after warmup.
+        warmup_ratio: fraction of the steps spent in linear warmup (``warmup_steps`` wins when set).
+        warmup_steps: warmup length in steps.
+        max_grad_norm: gradient clipping threshold (0 disables).
+        seed: seeds model init of adapters, dropout and data order.
+        log_every: log every N optimiser steps.
+        mixed_precision: ``auto`` uses bf16 autocast where the hardware does bf16 fast, ``bf16`` forces it,
+            ``no`` disables it.
+        loss_chunk_size: tokens per chunk of the output projection and loss (the full logits are never built).
+        eval_every: evaluate validation loss every N steps (0: only at the end).
+    """
+
+    output_dir: str = "runs/sft"
+    epochs: int = 3
+    max_steps: Optional[int] = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_ratio: float = 0.03
+    warmup_steps: Optional[int] = None
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    log_every: int = 1
+    mixed_precision: Literal["auto", "bf16", "no"] = "no"
+    loss_chunk_size: int = 1024
+    eval_every: int = 0
+
+
+@dataclass
+class RunConfig:
+    """A whole run: the method and its sections."""
+
+    method: Literal["sft"] = "sft"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    # key: (smallest allowed, largest allowed); None leaves that side open.
+    "data.val_fraction": (0.0, 0.9),
+    "data.max_length": (8, None),
+    "lora.r": (1, None),
+    "lora.alpha": (0.0, None),
+    "lora.dropout": (0.0, 0.99),
+    "train.epochs": (1, None),
+    "train.max_steps": (1, None),
+    "train.batch_size": (1, None),
+    "train.grad_accum": (1, None),
+    "train.lr": (0.0, 1.0),
+    "train.weight_decay": (0.0, None),
+    "train.warmup_ratio": (0.0, 1.0),
+    "train.warmup_steps": (0, None),
+    "train.max_grad_norm": (0.0, None),
+    "train.log_every": (1, None),
+    "train.loss_chunk_size": (1, None),
+    "train.eval_every": (0, None),
+}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a type annotation, converting only where it is lossless and expected."""
+    origin = get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin is typing.Union or origin is types.UnionType:
+        options = get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        inner = [o for o in options if o is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        allowed = get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        # YAML 1.1 reads "2e-4" as a string; accept any string that is a plain number.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if annotation is list or origin is list:
+        if isinstance(value, list):
+            return value
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # a bug in this module
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            full = f"{prefix}{key}"
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+    kwargs = {}
+    for name in names:
+        if name not in values:
+            continue
+        annotation = hints[name]
+        value = values[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+            kwargs[name] = _build(annotation, value, key + ".")
+        else:
+            kwargs[name] = _coerce(value, annotation, key)
+    return cls(**kwargs)
+
+
+def _check_ranges(config: RunConfig) -> None:
+    for key, (low, high) in _RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value is None:
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise ConfigError(f"{key}: {value!r} is out of range; it must be {bounds}")
+    target = config.lora.target_modules
+    if not (target == "all-linear" or (isinstance(target, list) and all(isinstance(t, str) for t in target))):
+        raise ConfigError(f"lora.target_modules: expected 'all-linear' or a list of module names, got {target!r}")
+    if len(config.train.betas) != 2 or not all(isinstance(b, (int, float)) for b in config.train.betas):
+        raise ConfigError(f"train.betas: expected two numbers, got {config.train.betas!r}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"lora.r=8"`` -> (["lora", "r"], 8). The value is read as YAML, so ``true``, ``1e-4``, ``[a, b]`` work."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (for example train.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Set dotted keys in a nested dict (a copy); unknown keys are caught later by :func:`config_from_dict`."""
+    result = _deep_copy(values)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def _deep_copy(values: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in values.items()}
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    """Build and validate a :class:`RunConfig`; raises :class:`ConfigError` naming the offending key."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"the config must be a mapping of sections, got {type(values).__name__}")
+    config = _build(RunConfig, values, "")
+    _check_ranges(config)
+    if not config.data.train:
+        raise ConfigError("data.train: no training file given (set data.train in the config or data.train=PATH)")
+    return config
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML file (or start from defaults when ``path`` is None), apply overrides, validate."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the config must be a mapping of sections")
+        # Relative data paths are relative to the config file, so configs work from any directory.
+        data = values.get("data")
+        if isinstance(data, dict):
+            for key in ("train", "validation"):
+                if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+                    candidate = path.parent / data[key]
+                    if candidate.exists() or not Path(data[key]).exists():
+                        data[key] = str(candidate)
+    values = apply_overrides(values, overrides or [])
+    return config_from_dict(values)
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def describe_options() -> str:
+    """One line per option: dotted key, type and default (for ``--help``)."""
+    lines = []
+    for section in dataclasses.fields(RunConfig):
+        if section.name == "method":
+            lines.append("  method: sft")
+            continue
+        cls = typing.get_type_hints(RunConfig)[section.name]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            kind = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+            lines.append(f"  {section.name}.{f.name} ({kind}) = {default!r}")
+    return "\n".join(lines)

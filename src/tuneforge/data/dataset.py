@@ -1,0 +1,125 @@
+"""The data stage of a run: file -> validated conversations -> tokenised examples -> batches, with counts.
+
+Validation (:func:`load_conversations`) needs no tokenizer and no model, so bad data fails in seconds, before
+anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from tuneforge.config import DataConfig
+from tuneforge.data.collate import Batch, collate_packed, collate_padded, pack_examples
+from tuneforge.data.formats import Conversation, to_conversation
+from tuneforge.data.readers import BadRow, read_rows
+from tuneforge.data.templates import Template
+from tuneforge.data.tokenize import Example, encode_conversation
+from tuneforge.errors import DataError, UserError
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows of one file."""
+
+    path: str = ""
+    rows: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    truncated: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+
+    def lines(self) -> list[str]:
+        out = [f"{self.path}: {self.rows} rows, {self.kept} kept, {self.tokens} tokens, "
+               f"{self.trained_tokens} trained tokens, {self.truncated} truncated rows"]
+        for reason, count in sorted(self.dropped.items()):
+            out.append(f"  dropped {count} row(s): {reason}")
+        return out
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "rows": self.rows, "kept": self.kept, "dropped": dict(self.dropped),
+                "truncated": self.truncated, "tokens": self.tokens, "trained_tokens": self.trained_tokens}
+
+
+def load_conversations(path: str, config: DataConfig, report: DataReport) -> list[Conversation]:
+    """Read and validate every row of ``path``. In ``raise`` mode the first bad row raises its
+    :class:`DataError`; in ``skip`` mode it is counted in ``report.dropped`` by reason."""
+    report.path = str(path)
+    conversations = []
+    for row in read_rows(path):
+        report.rows += 1
+        try:
+            if isinstance(row, BadRow):
+                raise row.error
+            conversations.append(to_conversation(row.fields, config.format, str(path), row.number,
+                                                 config.system_prompt))
+        except DataError as error:
+            if config.on_error == "raise":
+                raise
+            report.dropped[error.reason] += 1
+    if not conversations:
+        raise UserError(f"{path}: no usable rows ({report.rows} read"
+                        + (f", dropped: {dict(report.dropped)})" if report.dropped else ")"))
+    return conversations
+
+
+def tokenize_conversations(conversations: list[Conversation], template: Template, tokenizer,
+                           config: DataConfig, report: DataReport) -> list[Example]:
+    """Tokenise and apply the truncation policy; rows that would lose a whole response are dropped (counted)
+    or raise, by ``data.on_truncation``."""
+    examples = []
+    for conversation in conversations:
+        example = encode_conversation(conversation, template, tokenizer, config.max_length, config.train_on_prompt)
+        if example.responses_lost:
+            if config.on_truncation == "raise":
+                raise DataError(conversation.source, conversation.row, None,
+                                f"longer than data.max_length={config.max_length} tokens: truncation would remove "
+                                f"{example.responses_lost} whole response(s); raise data.max_length or set "
+                                "data.on_truncation=drop", "response_truncated_away")
+            report.dropped["response_truncated_away"] += 1
+            continue
+        if example.num_trained == 0:
+            # A row with nothing to learn would add a silent zero to the loss.
+            report.dropped["no_trained_tokens"] += 1
+            continue
+        report.truncated += int(example.truncated)
+        report.tokens += len(example.input_ids)
+        report.trained_tokens += example.num_trained
+        examples.append(example)
+    report.kept = len(examples)
+    if not examples:
+        raise UserError(f"{report.path}: no rows left after tokenisation (dropped: {dict(report.dropped)})")
+    return examples
+
+
+def split_validation(conversations: list[Conversation], fraction: float, seed: int
+                     ) -> tuple[list[Conversation], list[Conversation]]:
+    """Hold out ``fraction`` of the rows (at least one) with a fixed-seed permutation."""
+    if fraction <= 0:
+        return conversations, []
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(conversations), generator=generator).tolist()
+    count = max(1, round(len(conversations) * fraction))
+    if count >= len(conversations):
+        raise UserError(f"data.val_fraction={fraction} leaves no training rows out of {len(conversations)}")
+    held = set(order[:count])
+    train = [c for i, c in enumerate(conversations) if i not in held]
+    validation = [c for i, c in enumerate(conversations) if i in held]
+    return train, validation
+
+
+def make_batches(examples: list[Example], batch_size: int, pad_id: int, *, packing: bool = False,
+                 max_length: int = 0, generator: torch.Generator | None = None) -> list[Batch]:
+    """One epoch of micro-batches. With a generator the order is shuffled (the generator is the run's, so the
+    order is reproducible from its seed); with packing, rows are packed after shuffling."""
+    order = list(range(len(examples)))
+    if generator is not None:
+        order = torch.randperm(len(examples), generator=generator).tolist()
+    ordered = [examples[i] for i in order]
+    if packing:
+        packs = pack_examples(ordered, max_length)
+        return [collate_packed(packs[i:i + batch_size], pad_id) for i in range(0, len(packs), batch_size)]
+    return [collate_padded(ordered[i:i + batch_size], pad_id) for i in range(0, len(ordered), batch_size)]

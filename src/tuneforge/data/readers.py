@@ -1,0 +1,121 @@
+"""Read a data file into numbered rows (plain dicts), whatever its on-disk format.
+
+Row numbers are what a user sees in an editor: the line number for JSONL, the 1-based record number for JSON,
+CSV (header excluded), Parquet and ``datasets`` folders.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuneforge.errors import DataError, UserError
+
+SUPPORTED = ".jsonl, .json, .csv, .parquet, or a folder saved by datasets.save_to_disk"
+
+
+@dataclass
+class Row:
+    """One record of a data file: its number (for error messages) and its fields."""
+
+    number: int
+    fields: dict
+
+
+@dataclass
+class BadRow:
+    """A row that could not be read at all (malformed JSON, not an object)."""
+
+    error: DataError
+
+
+def read_rows(path: str | Path) -> list[Row | BadRow]:
+    """Read every record of ``path``. Malformed records come back as :class:`BadRow`, so lenient mode can
+    count them; a file that cannot be read at all raises :class:`UserError`."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"data file {path} does not exist")
+    if path.is_dir():
+        return _read_saved_dataset(path)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".csv":
+        return _read_csv(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise UserError(f"{path}: unsupported file type '{suffix}'; use {SUPPORTED}")
+
+
+def _as_row(path: Path, number: int, value: object) -> Row | BadRow:
+    if isinstance(value, dict):
+        return Row(number, value)
+    return BadRow(DataError(str(path), number, None, f"expected a JSON object, got {type(value).__name__}",
+                            "not_an_object"))
+
+
+def _read_jsonl(path: Path) -> list[Row | BadRow]:
+    rows: list[Row | BadRow] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                rows.append(BadRow(DataError(str(path), number, None, f"invalid JSON ({exc.msg} at column {exc.colno})",
+                                             "invalid_json")))
+                continue
+            rows.append(_as_row(path, number, value))
+    return rows
+
+
+def _read_json(path: Path) -> list[Row | BadRow]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    if isinstance(value, dict) and isinstance(value.get("data"), list):
+        value = value["data"]
+    if not isinstance(value, list):
+        raise UserError(f"{path}: a .json data file must hold a list of objects (or use .jsonl, one object a line)")
+    return [_as_row(path, number, item) for number, item in enumerate(value, start=1)]
+
+
+def _read_csv(path: Path) -> list[Row | BadRow]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        # Empty cells are missing values, not empty strings, so "input" stays optional for alpaca.
+        return [Row(number, {k: v for k, v in record.items() if k is not None and v not in (None, "")})
+                for number, record in enumerate(reader, start=1)]
+
+
+def _read_parquet(path: Path) -> list[Row | BadRow]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading Parquet needs pyarrow: pip install 'tuneforge[parquet]'") from None
+    table = pq.read_table(path)
+    return [Row(number, record) for number, record in enumerate(table.to_pylist(), start=1)]
+
+
+def _read_saved_dataset(path: Path) -> list[Row | BadRow]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{path}: reading a saved dataset folder needs `datasets`: "
+                        "pip install 'tuneforge[datasets]'") from None
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise UserError(f"{path}: a folder must be saved by datasets.save_to_disk; otherwise pass a file "
+                        f"({SUPPORTED})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise UserError(f"{path}: the saved DatasetDict has no 'train' split (it has {list(loaded)})")
+        loaded = loaded["train"]
+    return [Row(number, dict(record)) for number, record in enumerate(loaded, start=1)]

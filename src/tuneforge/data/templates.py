@@ -1,0 +1,241 @@
+"""Chat templates that render a conversation as a list of text segments, each marked trained or not.
+
+Loss masks come from these segments: each segment is tokenised on its own and its tokens inherit its flag,
+so a mask never depends on searching the rendered text for a marker. What is trained for an assistant turn is
+its content plus the end-of-turn token that closes it (so the model learns to stop); the header before it and
+any separator after the end-of-turn token are not.
+
+Templates:
+- ``alpaca``: the original Stanford Alpaca prompt, with and without ``### Input:``.
+- ``chatml``: ``<|im_start|>role\\ncontent<|im_end|>\\n``.
+- ``simple``: ``User: ...`` / ``Assistant: ...`` lines.
+- ``tokenizer``: the tokenizer's own Jinja chat template; also any Jinja file given by path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuneforge.data.formats import Conversation, Message
+from tuneforge.errors import TemplateError
+
+BUILTIN = ("alpaca", "chatml", "simple")
+# End-of-turn strings used by common chat templates; the first one found after a response closes it.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+
+@dataclass
+class Segment:
+    """A piece of rendered text; ``trained`` pieces contribute to the loss."""
+
+    text: str
+    trained: bool
+    # Index of the assistant message this trained segment belongs to (-1 for untrained pieces).
+    response: int = -1
+
+
+class Template:
+    """Base class: subclasses implement :meth:`segments`."""
+
+    name: str = ""
+
+    def segments(self, conversation: Conversation, add_generation_prompt: bool = False) -> list[Segment]:
+        """Render ``conversation``; with ``add_generation_prompt`` append the assistant header for generation."""
+        raise NotImplementedError
+
+    def prompt_text(self, messages: list[Message]) -> str:
+        """The text a model continues to answer the last user message."""
+        return "".join(s.text for s in self.segments(Conversation(list(messages)), add_generation_prompt=True))
+
+    def stop_strings(self) -> list[str]:
+        """Strings that end an assistant turn during generation."""
+        return []
+
+    def to_dict(self) -> dict:
+        return {"name": self.name}
+
+
+class FormatTemplate(Template):
+    """A template given by format strings; ``{eos}`` stands for the tokenizer's EOS token."""
+
+    def __init__(self, name: str, *, system: str, user: str, assistant_header: str, assistant_end: str,
+                 separator: str, default_system: str = "", user_with_context: str | None = None):
+        self.name = name
+        self.system = system
+        self.user = user
+        self.user_with_context = user_with_context
+        self.assistant_header = assistant_header
+        self.assistant_end = assistant_end
+        self.separator = separator
+        self.default_system = default_system
+        self.eos = ""
+
+    def bind(self, eos_token: str) -> "FormatTemplate":
+        self.eos = eos_token
+        return self
+
+    def _user_text(self, message: Message) -> str:
+        if message.context and self.user_with_context is not None:
+            return self.user_with_context.format(content=message.content, context=message.context)
+        return self.user.format(content=message.full_content())
+
+    def segments(self, conversation: Conversation, add_generation_prompt: bool = False) -> list[Segment]:
+        messages = conversation.messages
+        out: list[Segment] = []
+        system_text = ""
+        start = 0
+        if messages and messages[0].role == "system":
+            system_text = messages[0].content
+            start = 1
+        elif self.name == "alpaca":
+            # Alpaca's preamble depends on whether the first instruction has an input.
+            first_user = next((m for m in messages if m.role == "user"), None)
+            system_text = ALPACA_PREAMBLE_INPUT if first_user and first_user.context else ALPACA_PREAMBLE
+        else:
+            system_text = self.default_system
+        if system_text:
+            out.append(Segment(self.system.format(content=system_text), False))
+        for index in range(start, len(messages)):
+            message = messages[index]
+            if message.role == "user":
+                out.append(Segment(self._user_text(message), False))
+            elif message.role == "assistant":
+                out.append(Segment(self.assistant_header, False))
+                end = self.assistant_end.format(eos=self.eos)
+                out.append(Segment(message.content + end, True, response=index))
+                out.append(Segment(self.separator, False))
+            else:
+                raise TemplateError(f"template {self.name}: a system message may only come first")
+        if add_generation_prompt:
+            out.append(Segment(self.assistant_header, False))
+        return [s for s in out if s.text]
+
+    def stop_strings(self) -> list[str]:
+        end = self.assistant_end.format(eos=self.eos)
+        return [end] if end else []
+
+
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.")
+ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
+                         "further context. Write a response that appropriately completes the request.")
+
+
+def _alpaca() -> FormatTemplate:
+    return FormatTemplate(
+        "alpaca", system="{content}\n\n", user="### Instruction:\n{content}\n\n",
+        user_with_context="### Instruction:\n{content}\n\n### Input:\n{context}\n\n",
+        assistant_header="### Response:\n", assistant_end="{eos}", separator="\n\n")
+
+
+def _chatml() -> FormatTemplate:
+    return FormatTemplate(
+        "chatml", system="<|im_start|>system\n{content}<|im_end|>\n", user="<|im_start|>user\n{content}<|im_end|>\n",
+        assistant_header="<|im_start|>assistant\n", assistant_end="<|im_end|>", separator="\n")
+
+
+def _simple() -> FormatTemplate:
+    # The space after "Assistant:" belongs to the response, so generation continues "Assistant:" naturally.
+    return FormatTemplate(
+        "simple", system="{content}\n\n", user="User: {content}\n", assistant_header="Assistant:",
+        assistant_end="{eos}", separator="\n")
+
+
+class JinjaTemplate(Template):
+    """The tokenizer's chat template (or a Jinja file), split per message by rendering growing prefixes.
+
+    Rendering messages[:i] and messages[:i+1] gives the text of message i as the difference; for an assistant
+    message, rendering messages[:i] with the generation prompt separates the header from the response. This
+    works for any template whose render of a prefix is a prefix of the full render; others raise a clear error.
+    """
+
+    def __init__(self, tokenizer, source: str, jinja: str | None = None):
+        self.tokenizer = tokenizer
+        self.name = source
+        self.jinja = jinja if jinja is not None else tokenizer.chat_template
+        if not self.jinja:
+            raise TemplateError("the tokenizer has no chat template; set data.template to chatml, alpaca or simple")
+        self.end_markers = [t for t in END_OF_TURN_TOKENS if t in self.jinja or t == tokenizer.eos_token]
+
+    def _render(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        dicts = [{"role": m.role, "content": m.full_content()} for m in messages]
+        try:
+            return self.tokenizer.apply_chat_template(dicts, chat_template=self.jinja, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as exc:  # jinja raises its own exception types, e.g. for non-alternating roles
+            raise TemplateError(f"chat template {self.name} failed to render a conversation: {exc}") from None
+
+    def _unstable(self, what: str) -> TemplateError:
+        return TemplateError(
+            f"chat template {self.name} is not prefix-stable ({what}), so per-message loss masks cannot be "
+            "derived from it; set data.template to chatml, alpaca or simple")
+
+    def segments(self, conversation: Conversation, add_generation_prompt: bool = False) -> list[Segment]:
+        messages = conversation.messages
+        out: list[Segment] = []
+        previous = ""
+        for index, message in enumerate(messages):
+            if message.role == "assistant":
+                head = self._render(messages[:index], add_generation_prompt=True)
+                full = self._render(messages[: index + 1], add_generation_prompt=False)
+                if not head.startswith(previous) or not full.startswith(head):
+                    raise self._unstable(f"message {index}")
+                out.append(Segment(head[len(previous):], False))
+                body = full[len(head):]
+                content = message.content.strip()
+                found = body.find(content)
+                if found < 0:
+                    raise self._unstable(f"the response of message {index} does not appear after its header")
+                after = found + len(content)
+                end = len(body)
+                hits = [body.find(m, after) for m in self.end_markers if body.find(m, after) >= 0]
+                if hits:
+                    first = min(hits)
+                    marker = next(m for m in self.end_markers if body.find(m, after) == first)
+                    end = first + len(marker)
+                out.append(Segment(body[:end], True, response=index))
+                out.append(Segment(body[end:], False))
+            else:
+                full = self._render(messages[: index + 1], add_generation_prompt=False)
+                if not full.startswith(previous):
+                    raise self._unstable(f"message {index}")
+                out.append(Segment(full[len(previous):], False))
+            previous = full
+        if add_generation_prompt:
+            final = self._render(messages, add_generation_prompt=True)
+            if not final.startswith(previous):
+                raise self._unstable("generation prompt")
+            out.append(Segment(final[len(previous):], False))
+        return [s for s in out if s.text]
+
+    def stop_strings(self) -> list[str]:
+        return list(self.end_markers)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "jinja": self.jinja}
+
+
+def load_template(spec: str, tokenizer) -> Template:
+    """Resolve ``data.template``: a builtin name, ``tokenizer``, ``auto`` or a path to a Jinja file."""
+    if spec == "auto":
+        spec = "tokenizer" if getattr(tokenizer, "chat_template", None) else "chatml"
+    if spec == "tokenizer":
+        return JinjaTemplate(tokenizer, "tokenizer")
+    if spec in BUILTIN:
+        template = {"alpaca": _alpaca, "chatml": _chatml, "simple": _simple}[spec]()
+        return template.bind(tokenizer.eos_token or "")
+    path = Path(spec)
+    if path.suffix in (".jinja", ".j2", ".jinja2") or path.exists():
+        if not path.is_file():
+            raise TemplateError(f"template file {path} does not exist")
+        return JinjaTemplate(tokenizer, str(path), path.read_text())
+    raise TemplateError(f"unknown template {spec!r}; use auto, tokenizer, {', '.join(BUILTIN)}, "
+                        "or the path of a .jinja file")
+
+
+def template_from_dict(values: dict, tokenizer) -> Template:
+    """Rebuild a template saved in a run directory (``template.json``)."""
+    if "jinja" in values:
+        return JinjaTemplate(tokenizer, values["name"], values["jinja"])
+    return load_template(values["name"], tokenizer)

@@ -1,0 +1,1 @@
+"""What every recipe needs around its loop: optimiser and schedule, run directory, metrics, forward pass."""

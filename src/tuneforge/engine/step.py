@@ -1,0 +1,69 @@
+"""The forward pass every method shares, device and precision choices, and validation loss."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from tuneforge.data.collate import Batch
+from tuneforge.losses import masked_lm_loss_sum
+from tuneforge.models.adapters import decoder_and_head
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def bf16_autocast_enabled(mode: str, device: torch.device) -> bool:
+    """``auto``: bf16 where the hardware computes it natively (CUDA with bf16, or CPUs with AMX)."""
+    if mode == "no":
+        return False
+    if mode == "bf16":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return "AMX" in torch.backends.cpu.get_cpu_capability().upper()
+
+
+def autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def move(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    return Batch(batch.input_ids.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True),
+                 batch.attention_mask.to(device, non_blocking=True), batch.position_ids.to(device, non_blocking=True),
+                 batch.num_tokens, batch.num_trained)
+
+
+def lm_loss_sum(model: torch.nn.Module, batch: Batch, chunk_size: int) -> torch.Tensor:
+    """Summed next-token loss of ``batch`` over its trained positions (float32 scalar).
+
+    The body runs once; the output head runs only on positions that have a target, in chunks, so prompt and
+    padding positions cost no output-projection FLOPs and the (batch, seq, vocab) logits are never built.
+    """
+    body, head = decoder_and_head(model)
+    hidden = body(**batch.model_inputs(), use_cache=False).last_hidden_state
+    return masked_lm_loss_sum(hidden, batch.targets, head, chunk_size)
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, batches: list[Batch], device: torch.device, chunk_size: int = 1024,
+                  bf16: bool = False) -> dict:
+    """Mean loss over every trained token of ``batches`` and its perplexity."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    tokens = 0
+    for batch in batches:
+        with autocast(device, bf16):
+            total += lm_loss_sum(model, move(batch, device), chunk_size).double().cpu()
+        tokens += batch.num_trained
+    model.train(was_training)
+    loss = float(total) / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}

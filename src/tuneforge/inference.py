@@ -1,0 +1,88 @@
+"""Load a model or run for generation, and generate with the same template as training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tuneforge.data.formats import Conversation, Message
+from tuneforge.data.templates import Template, load_template, template_from_dict
+from tuneforge.data.tokenize import encode_text
+from tuneforge.engine.step import pick_device
+from tuneforge.models.loading import load_model, load_tokenizer, resolve_model
+
+
+@dataclass
+class Generator:
+    """A model, its tokenizer and template, ready to answer."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    template: Template
+    device: torch.device
+
+    @classmethod
+    def load(cls, spec: str, template: str | None = None, dtype: str = "float32") -> "Generator":
+        """``spec`` is anything a model argument accepts; a run directory brings its own template."""
+        source = resolve_model(spec)
+        tokenizer = load_tokenizer(source)
+        if template is None and source.run is not None:
+            chosen = template_from_dict(source.run["template"], tokenizer)
+        else:
+            chosen = load_template(template or "auto", tokenizer)
+        device = pick_device()
+        model = load_model(source, dtype).to(device).eval()
+        return cls(model, tokenizer, chosen, device)
+
+    def stop_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        for text in self.template.stop_strings():
+            pieces = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(pieces) == 1:
+                ids.add(pieces[0])
+        return sorted(i for i in ids if i is not None)
+
+    @torch.no_grad()
+    def generate(self, conversations: list[list[Message]], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, batch_size: int = 8) -> list[str]:
+        """Answer the last user turn of each conversation. Greedy when ``temperature`` is 0.
+
+        Prompts are tokenised segment by segment exactly as in training, then left-padded into batches.
+        """
+        prompts = []
+        for messages in conversations:
+            ids: list[int] = []
+            for segment in self.template.segments(_as_conversation(messages), add_generation_prompt=True):
+                ids += encode_text(self.tokenizer, segment.text)
+            prompts.append(ids)
+        pad = self.tokenizer.pad_token_id
+        outputs: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            width = max(len(p) for p in chunk)
+            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, ids in enumerate(chunk):
+                input_ids[i, width - len(ids):] = torch.tensor(ids)
+                attention[i, width - len(ids):] = 1
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+                {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            generated = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                                            max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids(),
+                                            pad_token_id=pad, **sampling)
+            for row in generated[:, width:]:
+                outputs.append(self._decode(row.tolist()))
+        return outputs
+
+    def _decode(self, ids: list[int]) -> str:
+        stops = set(self.stop_ids())
+        for index, token in enumerate(ids):
+            if token in stops:
+                ids = ids[:index]
+                break
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def _as_conversation(messages: list[Message]) -> Conversation:
+    return Conversation(list(messages))

@@ -1,0 +1,139 @@
+"""The numerics every method shares: masked token losses and log-prob gathering.
+
+Conventions: ``targets`` are already aligned with the positions that predict them (see
+``tuneforge.data.collate.next_token_targets``); positions without a target hold ``IGNORE_INDEX``. Losses return
+*sums* over trained tokens, and the training loop divides by the number of trained tokens of the whole
+optimiser step, so the step's loss is the mean over all its tokens whatever the batch geometry.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def count_trained(targets: torch.Tensor) -> int:
+    """Number of positions with a target."""
+    return int((targets != IGNORE_INDEX).sum())
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each target token.
+
+    Args:
+        logits: (batch, seq, vocab).
+        targets: (batch, seq) target ids or ``IGNORE_INDEX``.
+    Returns:
+        (batch, seq) float32 log p(target); 0 where there is no target.
+    """
+    mask = targets != IGNORE_INDEX
+    safe = targets.masked_fill(~mask, 0)
+    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return logprobs * mask
+
+
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    device = tensor.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return tensor.dtype
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T + bias, target_i), computed chunk by chunk over tokens.
+
+    The gradients are formed in the forward pass (d CE / d logits = softmax - onehot), one chunk of logits at a
+    time, so the (tokens, vocab) logits never exist in full and nothing is recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        compute = _compute_dtype(hidden)
+        # Grad mode is off inside forward; needs_input_grad says what the caller's graph wants.
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        w = weight.to(compute)
+        b = bias.to(compute) if bias is not None else None
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start:start + chunk_size].to(compute)
+            t = targets[start:start + chunk_size]
+            logits = h @ w.T
+            if b is not None:
+                logits = logits + b
+            logits = logits.float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_hidden or need_weight or need_bias:
+                # In place: the chunk's logits become d loss / d logits.
+                grad_logits = logits.sub_(lse[:, None]).exp_()
+                grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                g = grad_logits.to(compute)
+                if need_hidden:
+                    grad_hidden[start:start + chunk_size] = (g @ w).to(hidden.dtype)
+                if need_weight:
+                    grad_weight += (g.T @ h).float()
+                if need_bias:
+                    grad_bias += grad_logits.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        return (grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None,
+                (grad_weight * grad_output).to(weight_dtype) if grad_weight is not None else None,
+                (grad_bias * grad_output).to(bias_dtype) if grad_bias is not None else None,
+                None, None)
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             bias: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
+    """Summed cross-entropy of the output projection, without materialising all logits.
+
+    Args:
+        hidden: (tokens, hidden) final hidden states of the positions that have a target.
+        weight: (vocab, hidden) output projection (``lm_head.weight``).
+        targets: (tokens,) target ids; no ``IGNORE_INDEX`` here (select positions first).
+        bias: optional (vocab,) output bias.
+        chunk_size: tokens per chunk; peak extra memory is about chunk_size x vocab floats.
+    Returns:
+        scalar float32 sum of -log p(target).
+    """
+    return _LinearCrossEntropySum.apply(hidden, weight, bias, targets, chunk_size)
+
+
+def masked_lm_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, output_layer: torch.nn.Module,
+                       chunk_size: int = 1024) -> torch.Tensor:
+    """Summed next-token cross-entropy over positions with a target.
+
+    Args:
+        hidden: (batch, seq, hidden) final hidden states.
+        targets: (batch, seq) next-token ids or ``IGNORE_INDEX``.
+        output_layer: the model's output head. A plain ``nn.Linear`` takes the chunked path; anything else (a
+            LoRA-wrapped head, say) is called as a module on the selected positions.
+    Returns:
+        scalar float32 sum; divide by the trained-token count of the optimiser step.
+    """
+    selected = targets != IGNORE_INDEX
+    h = hidden[selected]
+    t = targets[selected]
+    if type(output_layer) is torch.nn.Linear:
+        return linear_cross_entropy_sum(h, output_layer.weight, t, output_layer.bias, chunk_size)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, h.shape[0], chunk_size):
+        logits = output_layer(h[start:start + chunk_size]).float()
+        total = total + F.cross_entropy(logits, t[start:start + chunk_size], reduction="sum")
+    return total
+
+
+def reference_lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Plain full-logits cross-entropy sum; the reference the chunked path is tested against."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")

