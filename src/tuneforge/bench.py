@@ -1,0 +1,160 @@
+"""``tuneforge bench``: throughput, peak memory and model FLOPs utilisation of a short training workload.
+
+The workload goes through the same code as ``tuneforge train`` (data pipeline, recipe, train_step); only the
+timing harness is here. One warm-up step is excluded from the timing.
+
+Model FLOPs per processed token (padding excluded), N = matmul parameters of the base model including the
+output head and excluding the embedding lookup:
+    full fine-tuning: 6·N,   LoRA: 4·N + 6·N_lora   (LoRA skips weight gradients of the frozen base)
+plus the causal attention-score term 6·layers·hidden·T/2·2 = 6·layers·hidden·T (QKᵀ and AV, forward and twice
+backward, half of the T×T scores under the causal mask), with T the row's length. MFU divides achieved model
+FLOP/s by a matmul peak measured in the same process for the same dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tuneforge.config import config_from_dict
+from tuneforge.recipes.sft import SFTRecipe, optimizer_windows
+
+_WORDS = ("river stone lantern harbour copper meadow signal window orbit garden quiet market bridge paper "
+          "engine winter silver forest cable ladder island morning thunder velvet canyon mirror pocket "
+          "rocket saddle temple violet walnut yellow zephyr anchor basket candle desert feather glacier "
+          "hammer ivory jacket kettle lemon marble needle orange pepper quartz ribbon salmon tunnel").split()
+
+
+def synthetic_rows(count: int = 64, seed: int = 0) -> list[dict]:
+    """Fixed prompt/completion rows of varied length (about 60 to 250 tokens with SmolLM2's tokenizer)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        prompt = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(15, 60)))
+        completion = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(30, 120)))
+        rows.append({"prompt": f"Repeat and continue: {prompt}", "completion": completion.capitalize() + "."})
+    return rows
+
+
+def measure_matmul_peak(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of a square matmul of ``size`` in ``dtype`` (the denominator of MFU)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_parameters(model: torch.nn.Module) -> int:
+    """Parameters of the base model's linear layers, output head included, LoRA adapters excluded."""
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "lora_" not in name:
+            total += module.weight.numel()
+    return total
+
+
+def lora_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+
+def run_bench(method: str = "sft", model: str = "default", data: str | None = None, batch_size: int = 4,
+              max_length: int = 256, steps: int = 5, lora_r: int = 16, dtype: str = "float32",
+              packing: bool = False, full: bool = False) -> dict:
+    with tempfile.TemporaryDirectory() as scratch:
+        if data is None:
+            data = str(Path(scratch) / "bench.jsonl")
+            Path(data).write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows()))
+        config = config_from_dict({
+            "method": method,
+            "model": {"name_or_path": model, "dtype": "float32"},
+            "data": {"train": data, "max_length": max_length, "packing": packing, "shuffle": False},
+            "lora": {"enabled": not full, "r": lora_r, "alpha": 2 * lora_r},
+            "train": {"output_dir": str(Path(scratch) / "run"), "batch_size": batch_size, "epochs": 1000,
+                      "max_steps": steps + 1, "lr": 1e-4, "seed": 0,
+                      "mixed_precision": "bf16" if dtype == "bfloat16" else "no"},
+        })
+        recipe = SFTRecipe(config, log=lambda message: None, show_progress=False, run_dir=False)
+        recipe.setup()
+        batches = recipe._epoch_batches(shuffle=False)
+        windows = optimizer_windows(batches, 1)
+        if not windows:
+            raise ValueError("no data to benchmark")
+        # Cycle through the data so any number of steps can be timed.
+        plan = [windows[i % len(windows)] for i in range(steps + 1)]
+        device = recipe.device
+
+        recipe.train_step(plan[0])  # warm-up: allocator, kernels, autograd graph caches
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        tokens = trained = 0
+        attention_flops = 0.0
+        cfg = recipe.model.config
+        start = time.perf_counter()
+        for window in plan[1:]:
+            loss, _ = recipe.train_step(window)
+            for batch in window:
+                tokens += batch.num_tokens
+                trained += batch.num_trained
+                lengths = batch.position_ids.max(dim=1).values + 1 if not packing else None
+                attention_flops += _attention_flops(batch, cfg, lengths)
+        loss.item()  # one sync at the end
+        _sync(device)
+        elapsed = time.perf_counter() - start
+
+        n_matmul = matmul_parameters(recipe.model)
+        n_lora = lora_parameters(recipe.model)
+        per_token = 6 * n_matmul if full else 4 * n_matmul + 6 * n_lora
+        model_flops = per_token * tokens + attention_flops
+        peak = measure_matmul_peak(torch.bfloat16 if dtype == "bfloat16" else torch.float32, device)
+        result = {
+            "method": method, "model": model, "dtype": dtype, "mode": "full" if full else f"lora-r{lora_r}",
+            "batch_size": batch_size, "max_length": max_length, "packing": packing, "steps": steps,
+            "tokens_per_s": round(tokens / elapsed, 2),
+            "trained_tokens_per_s": round(trained / elapsed, 2),
+            "step_time_s": round(elapsed / steps, 4),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "mfu": round(model_flops / elapsed / peak, 4),
+            "model_gflop_per_s": round(model_flops / elapsed / 1e9, 2),
+            "matmul_peak_gflop_per_s": round(peak / 1e9, 2),
+            "matmul_params": n_matmul, "lora_params": n_lora,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "cpus": os.cpu_count(),
+        }
+        if device.type == "cuda":
+            result["max_gpu_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        return result
+
+
+def _attention_flops(batch, cfg, lengths) -> float:
+    """6·layers·hidden·Σ T_i² over the samples of the batch (causal scores, forward + backward)."""
+    layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
+    if lengths is None:  # packed: per-sample lengths from position-id restarts
+        starts = (batch.position_ids == 0)
+        sizes = []
+        for row, row_starts in zip(batch.position_ids, starts):
+            idx = torch.nonzero(row_starts).flatten().tolist() + [len(row)]
+            sizes += [b - a for a, b in zip(idx[:-1], idx[1:])]
+        squares = sum(s * s for s in sizes)
+    else:
+        squares = float((lengths.double() ** 2).sum())
+    return 6.0 * layers * hidden * squares
