@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ import yaml
 from tuneforge.errors import ConfigError
 
 DEFAULT_MODEL = "default"  # the embedded SmolLM2-135M-Instruct, imported from its GGUF file once
+# Names data.template accepts besides the path of a Jinja file (tuneforge.data.templates implements them).
+TEMPLATE_NAMES = ("auto", "tokenizer", "alpaca", "chatml", "simple")
+TEMPLATE_SUFFIXES = (".jinja", ".j2", ".jinja2")
 
 
 @dataclass
@@ -207,14 +211,18 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if annotation is float:
         # YAML 1.1 reads "2e-4" as a string; accept any string that is a plain number.
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        # NaN passes every range check (all comparisons are false), so it is refused here.
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return number
     if annotation is str:
         if isinstance(value, str):
             return value
@@ -243,6 +251,8 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
         value = values[name]
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(annotation):
+            if value is None:  # a YAML section whose keys are all commented out
+                value = {}
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
             kwargs[name] = _build(annotation, value, key + ".")
@@ -260,11 +270,29 @@ def _check_ranges(config: RunConfig) -> None:
         if (low is not None and value < low) or (high is not None and value > high):
             bounds = f"at least {low}" if high is None else f"between {low} and {high}"
             raise ConfigError(f"{key}: {value!r} is out of range; it must be {bounds}")
+    _check_template(config.data.template)
     target = config.lora.target_modules
     if not (target == "all-linear" or (isinstance(target, list) and all(isinstance(t, str) for t in target))):
         raise ConfigError(f"lora.target_modules: expected 'all-linear' or a list of module names, got {target!r}")
     if len(config.train.betas) != 2 or not all(isinstance(b, (int, float)) for b in config.train.betas):
         raise ConfigError(f"train.betas: expected two numbers, got {config.train.betas!r}")
+
+
+def _is_template_path(spec: str) -> bool:
+    return Path(spec).suffix in TEMPLATE_SUFFIXES or "/" in spec or "\\" in spec or Path(spec).is_file()
+
+
+def _check_template(spec: str) -> None:
+    if spec in TEMPLATE_NAMES:
+        return
+    if _is_template_path(spec):
+        if not Path(spec).is_file():
+            raise ConfigError(f"data.template: template file {spec} does not exist")
+        return
+    close = difflib.get_close_matches(spec, TEMPLATE_NAMES, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(f"data.template: unknown template {spec!r}{hint}; use {', '.join(TEMPLATE_NAMES)}, "
+                      "or the path of a .jinja file")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -320,16 +348,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the config must be a mapping of sections")
-        # Relative data paths are relative to the config file, so configs work from any directory.
+        # Relative data and template paths are relative to the config file, so configs work from any directory.
         data = values.get("data")
         if isinstance(data, dict):
-            for key in ("train", "validation"):
-                if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+            for key in ("train", "validation", "template"):
+                value = data.get(key)
+                if key == "template" and isinstance(value, str) and (value in TEMPLATE_NAMES or not (
+                        Path(value).suffix in TEMPLATE_SUFFIXES or (path.parent / value).is_file())):
+                    continue  # a template name (checked later), not a file
+                if isinstance(value, str) and not Path(value).is_absolute():
                     candidate = path.parent / data[key]
                     if candidate.exists() or not Path(data[key]).exists():
                         data[key] = str(candidate)

@@ -17,7 +17,7 @@ from tuneforge.data.formats import Conversation, to_conversation
 from tuneforge.data.readers import BadRow, read_rows
 from tuneforge.data.templates import Template
 from tuneforge.data.tokenize import Example, encode_conversation
-from tuneforge.errors import DataError, UserError
+from tuneforge.errors import DataError, TemplateError, UserError
 
 
 @dataclass
@@ -69,10 +69,21 @@ def load_conversations(path: str, config: DataConfig, report: DataReport) -> lis
 def tokenize_conversations(conversations: list[Conversation], template: Template, tokenizer,
                            config: DataConfig, report: DataReport) -> list[Example]:
     """Tokenise and apply the truncation policy; rows that would lose a whole response are dropped (counted)
-    or raise, by ``data.on_truncation``."""
+    or raise, by ``data.on_truncation``. A row the template cannot render raises or is counted, by
+    ``data.on_error``."""
     examples = []
+    template_error = ""
     for conversation in conversations:
-        example = encode_conversation(conversation, template, tokenizer, config.max_length, config.train_on_prompt)
+        try:
+            example = encode_conversation(conversation, template, tokenizer, config.max_length,
+                                          config.train_on_prompt)
+        except TemplateError as exc:
+            # A chat template may reject one row (e.g. roles that do not alternate): name the row.
+            if config.on_error == "raise":
+                raise DataError(conversation.source, conversation.row, None, str(exc), "template_failed") from None
+            report.dropped["template_failed"] += 1
+            template_error = template_error or f" (first template error: {exc})"
+            continue
         if example.responses_lost:
             if config.on_truncation == "raise":
                 raise DataError(conversation.source, conversation.row, None,
@@ -91,7 +102,8 @@ def tokenize_conversations(conversations: list[Conversation], template: Template
         examples.append(example)
     report.kept = len(examples)
     if not examples:
-        raise UserError(f"{report.path}: no rows left after tokenisation (dropped: {dict(report.dropped)})")
+        raise UserError(f"{report.path}: no rows left after tokenisation (dropped: {dict(report.dropped)})"
+                        + template_error)
     return examples
 
 

@@ -24,11 +24,13 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 @dataclass
 class Message:
     """One turn. ``context`` holds alpaca's optional ``input`` so the alpaca template can render it in its own
-    section; other templates append it to ``content``."""
+    section; other templates append it to ``content``. ``trained`` is False for assistant turns that are part
+    of a prompt (earlier turns of a ``prompt_completion`` prompt): they are rendered but not learned."""
 
     role: str
     content: str
     context: str | None = None
+    trained: bool = True
 
     def full_content(self) -> str:
         return self.content if not self.context else f"{self.content}\n\n{self.context}"
@@ -99,7 +101,7 @@ def _check_structure(messages: list[Message], check: _Checker, name: str) -> lis
     for index, message in enumerate(messages):
         if message.role == "system" and index != 0:
             raise check.fail(f"{name}[{index}]", "a system message may only come first", "misplaced_system")
-    if not any(m.role == "assistant" for m in messages):
+    if not any(m.role == "assistant" and m.trained for m in messages):
         raise check.fail(name, "has no assistant message to learn from", "no_response")
     first_turn = 1 if messages[0].role == "system" else 0
     if first_turn < len(messages) and messages[first_turn].role == "assistant":
@@ -113,7 +115,8 @@ def _alpaca(fields: dict, check: _Checker) -> list[Message]:
     context = check.string(fields, "input", required=False, allow_empty=True)
     output = check.string(fields, "output", empty_reason="empty_response")
     messages = []
-    system = check.string(fields, "system", required=False)
+    # An empty optional system field (common in exported datasets) means "no system message".
+    system = check.string(fields, "system", required=False, allow_empty=True)
     if system:
         messages.append(Message("system", system))
     messages += [Message("user", instruction, context or None), Message("assistant", output)]
@@ -134,10 +137,17 @@ def _prompt_completion(fields: dict, check: _Checker) -> list[Message]:
     roles = {r: r for r in ROLES}
     if isinstance(fields.get("prompt"), list):
         prompt = check.message_list(fields, "prompt", "role", "content", roles)
+        if not prompt:
+            raise check.fail("prompt", "has no messages", "empty_conversation")
+        # Only the completion is learned; assistant turns inside the prompt are context.
+        for message in prompt:
+            message.trained = False
     else:
         prompt = [Message("user", check.string(fields, "prompt"))]
     if isinstance(fields.get("completion"), list):
         completion = check.message_list(fields, "completion", "role", "content", roles)
+        if not completion:
+            raise check.fail("completion", "has no messages", "empty_response")
         for index, message in enumerate(completion):
             if message.role != "assistant":
                 raise check.fail(f"completion[{index}].role", "completion messages must be assistant messages",

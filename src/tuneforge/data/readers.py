@@ -6,7 +6,9 @@ CSV (header excluded), Parquet and ``datasets`` folders.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,12 +62,22 @@ def _as_row(path: Path, number: int, value: object) -> Row | BadRow:
 
 def _read_jsonl(path: Path) -> list[Row | BadRow]:
     rows: list[Row | BadRow] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    # Bytes, decoded line by line, so one badly encoded line is one bad row (with its number), not a crash.
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):  # written by some Windows tools
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                rows.append(BadRow(DataError(str(path), number, None, f"not valid UTF-8 (byte {exc.start + 1} of the "
+                                             "line); save the file as UTF-8", "invalid_encoding")))
+                continue
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
+                # Without the line break, so the column in the message is a column of this line.
+                value = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
                 rows.append(BadRow(DataError(str(path), number, None, f"invalid JSON ({exc.msg} at column {exc.colno})",
                                              "invalid_json")))
@@ -74,11 +86,19 @@ def _read_jsonl(path: Path) -> list[Row | BadRow]:
     return rows
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is not part of the data
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not valid UTF-8 (byte {exc.start + 1}); save the file as UTF-8") from None
+
+
 def _read_json(path: Path) -> list[Row | BadRow]:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(_read_text(path))
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        hint = " (one JSON object per line? name the file .jsonl)" if exc.msg == "Extra data" else ""
+        raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}{hint}") from None
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
     if not isinstance(value, list):
@@ -87,11 +107,14 @@ def _read_json(path: Path) -> list[Row | BadRow]:
 
 
 def _read_csv(path: Path) -> list[Row | BadRow]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
+    text = _read_text(path)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
         # Empty cells are missing values, not empty strings, so "input" stays optional for alpaca.
         return [Row(number, {k: v for k, v in record.items() if k is not None and v not in (None, "")})
                 for number, record in enumerate(reader, start=1)]
+    except csv.Error as exc:
+        raise UserError(f"{path}: not a valid CSV file (line {reader.line_num}): {exc}") from None
 
 
 def _read_parquet(path: Path) -> list[Row | BadRow]:
@@ -99,7 +122,12 @@ def _read_parquet(path: Path) -> list[Row | BadRow]:
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError(f"{path}: reading Parquet needs pyarrow: pip install 'tuneforge[parquet]'") from None
-    table = pq.read_table(path)
+    import pyarrow
+
+    try:
+        table = pq.read_table(path)
+    except pyarrow.ArrowException as exc:
+        raise UserError(f"{path}: not a readable Parquet file: {exc}") from None
     return [Row(number, record) for number, record in enumerate(table.to_pylist(), start=1)]
 
 

@@ -57,10 +57,12 @@ class Template:
 
 
 class FormatTemplate(Template):
-    """A template given by format strings; ``{eos}`` stands for the tokenizer's EOS token."""
+    """A template given by format strings; ``{eos}`` stands for the tokenizer's EOS token. When the tokenizer
+    starts plain text with a BOS token (Llama-style), every rendering starts with it too, untrained."""
 
     def __init__(self, name: str, *, system: str, user: str, assistant_header: str, assistant_end: str,
-                 separator: str, default_system: str = "", user_with_context: str | None = None):
+                 separator: str, default_system: str = "", user_with_context: str | None = None,
+                 response_prefix: str = ""):
         self.name = name
         self.system = system
         self.user = user
@@ -68,11 +70,15 @@ class FormatTemplate(Template):
         self.assistant_header = assistant_header
         self.assistant_end = assistant_end
         self.separator = separator
+        # Text the model writes before the content (part of the trained segment, not of the header).
+        self.response_prefix = response_prefix
         self.default_system = default_system
         self.eos = ""
+        self.bos = ""
 
-    def bind(self, eos_token: str) -> "FormatTemplate":
+    def bind(self, eos_token: str, bos_token: str = "") -> "FormatTemplate":
         self.eos = eos_token
+        self.bos = bos_token
         return self
 
     def _user_text(self, message: Message) -> str:
@@ -82,7 +88,7 @@ class FormatTemplate(Template):
 
     def segments(self, conversation: Conversation, add_generation_prompt: bool = False) -> list[Segment]:
         messages = conversation.messages
-        out: list[Segment] = []
+        out: list[Segment] = [Segment(self.bos, False)]
         system_text = ""
         start = 0
         if messages and messages[0].role == "system":
@@ -103,7 +109,9 @@ class FormatTemplate(Template):
             elif message.role == "assistant":
                 out.append(Segment(self.assistant_header, False))
                 end = self.assistant_end.format(eos=self.eos)
-                out.append(Segment(message.content + end, True, response=index))
+                trained = message.trained
+                out.append(Segment(self.response_prefix + message.content + end, trained,
+                                   response=index if trained else -1))
                 out.append(Segment(self.separator, False))
             else:
                 raise TemplateError(f"template {self.name}: a system message may only come first")
@@ -139,7 +147,7 @@ def _simple() -> FormatTemplate:
     # The space after "Assistant:" belongs to the response, so generation continues "Assistant:" naturally.
     return FormatTemplate(
         "simple", system="{content}\n\n", user="User: {content}\n", assistant_header="Assistant:",
-        assistant_end="{eos}", separator="\n")
+        assistant_end="{eos}", separator="\n", response_prefix=" ")
 
 
 class JinjaTemplate(Template):
@@ -194,7 +202,8 @@ class JinjaTemplate(Template):
                     first = min(hits)
                     marker = next(m for m in self.end_markers if body.find(m, after) == first)
                     end = first + len(marker)
-                out.append(Segment(body[:end], True, response=index))
+                trained = message.trained
+                out.append(Segment(body[:end], trained, response=index if trained else -1))
                 out.append(Segment(body[end:], False))
             else:
                 full = self._render(messages[: index + 1], add_generation_prompt=False)
@@ -224,14 +233,23 @@ def load_template(spec: str, tokenizer) -> Template:
         return JinjaTemplate(tokenizer, "tokenizer")
     if spec in BUILTIN:
         template = {"alpaca": _alpaca, "chatml": _chatml, "simple": _simple}[spec]()
-        return template.bind(tokenizer.eos_token or "")
+        return template.bind(tokenizer.eos_token or "", _default_bos(tokenizer))
     path = Path(spec)
     if path.suffix in (".jinja", ".j2", ".jinja2") or path.exists():
         if not path.is_file():
-            raise TemplateError(f"template file {path} does not exist")
-        return JinjaTemplate(tokenizer, str(path), path.read_text())
-    raise TemplateError(f"unknown template {spec!r}; use auto, tokenizer, {', '.join(BUILTIN)}, "
+            raise TemplateError(f"data.template: template file {path} does not exist")
+        return JinjaTemplate(tokenizer, str(path), path.read_text(encoding="utf-8"))
+    raise TemplateError(f"data.template: unknown template {spec!r}; use auto, tokenizer, {', '.join(BUILTIN)}, "
                         "or the path of a .jinja file")
+
+
+def _default_bos(tokenizer) -> str:
+    """The BOS token if the tokenizer adds one to plain text by default, else "" (templates are tokenised without
+    special tokens, so a model that expects BOS only gets it when the template writes it)."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        return ""
+    return tokenizer.bos_token if tokenizer("a")["input_ids"][:1] == [bos_id] else ""
 
 
 def template_from_dict(values: dict, tokenizer) -> Template:

@@ -55,7 +55,8 @@ def encode_conversation(conversation: Conversation, template: Template, tokenize
     response_of_token: list[int] = []
     if conversation.is_plain_text:
         text_ids = tokenizer(conversation.messages[0].content)["input_ids"]
-        if tokenizer.eos_token_id is not None:
+        # Some tokenizers already append EOS (add_eos_token); one EOS is what the model should learn.
+        if tokenizer.eos_token_id is not None and text_ids[-1:] != [tokenizer.eos_token_id]:
             text_ids = text_ids + [tokenizer.eos_token_id]
         ids, labels = list(text_ids), list(text_ids)
         response_of_token = [0] * len(ids)
