@@ -73,8 +73,6 @@ def test_train_bad_row_exits_2_before_the_model_is_loaded(tmp_path, capsys, tiny
     assert one_error_line(capsys) == f"error: {data}, row 3, field 'messages[1].content': expected a string, got int"
 
 
-@pytest.mark.xfail(strict=True, reason="recipes/sft.py SFTRecipe.setup resolves the model (resolve_model) before "
-                                       "validating the data, so a missing model hides the data error")
 def test_train_reports_the_data_error_before_a_missing_model(tmp_path, capsys):
     data = write_jsonl(tmp_path / "bad.jsonl", [GOOD, WRONG_TYPE])
     config = write_config(tmp_path, data, tmp_path / "no-such-model")

@@ -31,7 +31,9 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     mask = targets != IGNORE_INDEX
     safe = targets.masked_fill(~mask, 0)
     logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return logprobs * mask
+    # masked_fill, not a product: log p of the placeholder id can be -inf (a masked vocabulary entry), and
+    # -inf * 0 is NaN.
+    return logprobs.masked_fill(~mask, 0.0)
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -49,10 +51,12 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, grad_enabled):
         compute = _compute_dtype(hidden)
-        # Grad mode is off inside forward; needs_input_grad says what the caller's graph wants.
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        # Grad mode is off inside forward; needs_input_grad says which inputs require grad. It is set even
+        # under torch.no_grad, so the caller's grad mode comes in as ``grad_enabled``: evaluation must not pay
+        # for gradients (a weight-sized float32 buffer and two extra matmuls per chunk).
+        need_hidden, need_weight, need_bias = (grad_enabled and need for need in ctx.needs_input_grad[:3])
         w = weight.to(compute)
         b = bias.to(compute) if bias is not None else None
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -90,7 +94,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         return (grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None,
                 (grad_weight * grad_output).to(weight_dtype) if grad_weight is not None else None,
                 (grad_bias * grad_output).to(bias_dtype) if grad_bias is not None else None,
-                None, None)
+                None, None, None)
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -106,7 +110,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     Returns:
         scalar float32 sum of -log p(target).
     """
-    return _LinearCrossEntropySum.apply(hidden, weight, bias, targets, chunk_size)
+    return _LinearCrossEntropySum.apply(hidden, weight, bias, targets, chunk_size, torch.is_grad_enabled())
 
 
 def masked_lm_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, output_layer: torch.nn.Module,

@@ -21,17 +21,24 @@ from tuneforge.errors import UserError
 from tuneforge.models.loading import RUN_MARKER
 
 
-def prepare_run_dir(path: str | Path, overwrite: bool) -> Path:
-    """Create an empty run directory; an existing non-empty one is kept unless ``overwrite``."""
+def check_run_dir(path: str | Path, overwrite: bool) -> None:
+    """Raise if ``path`` may not become this run's directory; deletes nothing (call it before heavy work)."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if not overwrite:
             raise UserError(f"run directory {path} already exists; choose another train.output_dir or pass "
                             "--overwrite to replace it")
-        if path.is_dir() and not (path / RUN_MARKER).exists() and not (path / "config.yaml").exists():
-            # Never delete a folder tuneforge did not make, even with --overwrite.
+        if not path.is_dir() or (not (path / RUN_MARKER).exists() and not (path / "config.yaml").exists()):
+            # Never delete something tuneforge did not make, even with --overwrite.
             raise UserError(f"{path} exists and is not a tuneforge run directory; refusing to overwrite it")
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def prepare_run_dir(path: str | Path, overwrite: bool) -> Path:
+    """Create an empty run directory; an existing non-empty one is kept unless ``overwrite``."""
+    path = Path(path)
+    check_run_dir(path, overwrite)
+    if path.exists() and any(path.iterdir()):
+        shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -50,5 +57,6 @@ def save_run(path: Path, config: RunConfig, model, tokenizer, template, lora: bo
     if Path(base).expanduser().exists():
         # A local base must still be found when the run is used from another working directory.
         base = str(Path(base).expanduser().resolve())
-    marker = {"method": config.method, "kind": "lora" if lora else "full", "base_model": base, "template": template.to_dict()}
+    marker = {"method": config.method, "kind": "lora" if lora else "full", "base_model": base,
+              "template": template.to_dict()}
     (path / RUN_MARKER).write_text(json.dumps(marker, indent=2))

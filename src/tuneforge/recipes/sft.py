@@ -17,15 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tuneforge.config import RunConfig
-from tuneforge.data.collate import Batch
+from tuneforge.config import RunConfig, save_config
+from tuneforge.data.collate import Batch, pack_examples
 from tuneforge.data.dataset import (DataReport, load_conversations, make_batches, split_validation,
                                     tokenize_conversations)
+from tuneforge.data.formats import Conversation
 from tuneforge.data.templates import load_template
 from tuneforge.data.tokenize import Example
 from tuneforge.engine.metrics import MetricsLog
 from tuneforge.engine.optim import build_optimizer, build_scheduler
-from tuneforge.engine.rundir import prepare_run_dir, save_run
+from tuneforge.engine.rundir import check_run_dir, prepare_run_dir, save_run
 from tuneforge.engine.step import autocast, bf16_autocast_enabled, evaluate_loss, lm_loss_sum, move, pick_device
 from tuneforge.errors import UserError
 from tuneforge.models.adapters import add_lora
@@ -34,6 +35,15 @@ from tuneforge.models.loading import load_model, load_tokenizer, resolve_model
 
 class NonFiniteLossError(UserError):
     """A NaN or infinite loss or gradient norm; the run stops without saving."""
+
+
+@dataclass
+class ReadData:
+    """Validated conversations, before tokenisation; ``reports[1]`` (when present) belongs to ``validation``."""
+
+    train: list[Conversation]
+    validation: list[Conversation]
+    reports: list[DataReport]
 
 
 @dataclass
@@ -51,28 +61,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_data(config: RunConfig, tokenizer, template) -> PreparedData:
-    """Read, validate, split and tokenise the train (and validation) data."""
+def read_data(config: RunConfig) -> ReadData:
+    """Read and validate every row of the train (and validation) file, and hold out ``data.val_fraction``.
+
+    Needs no tokenizer, so bad data is reported before any model is resolved or loaded.
+    """
     data = config.data
     train_report = DataReport()
     conversations = load_conversations(data.train, data, train_report)
-    validation_conversations = []
-    reports = [train_report]
     if data.validation:
         validation_report = DataReport()
-        validation_conversations = load_conversations(data.validation, data, validation_report)
-        reports.append(validation_report)
-    elif data.val_fraction > 0:
-        conversations, validation_conversations = split_validation(conversations, data.val_fraction, config.train.seed)
-    train = tokenize_conversations(conversations, template, tokenizer, data, train_report)
+        validation = load_conversations(data.validation, data, validation_report)
+        return ReadData(conversations, validation, [train_report, validation_report])
+    if data.val_fraction > 0:
+        conversations, validation = split_validation(conversations, data.val_fraction, config.train.seed)
+        # Each report accounts for its own rows: rows = kept + dropped.
+        train_report.rows -= len(validation)
+        held_out = DataReport(path=f"{data.train} (held-out {data.val_fraction:g})", rows=len(validation))
+        return ReadData(conversations, validation, [train_report, held_out])
+    return ReadData(conversations, [], [train_report])
+
+
+def tokenize_data(read: ReadData, config: RunConfig, tokenizer, template) -> PreparedData:
+    """Tokenise the conversations of :func:`read_data` with ``template``, counting into its reports."""
+    train = tokenize_conversations(read.train, template, tokenizer, config.data, read.reports[0])
     validation = []
-    if validation_conversations:
-        report = reports[1] if data.validation else DataReport(path=f"{data.train} (held-out {data.val_fraction:g})")
-        validation = tokenize_conversations(validation_conversations, template, tokenizer, data, report)
-        if not data.validation:
-            report.rows = len(validation_conversations)
-            reports.append(report)
-    return PreparedData(train, validation, reports)
+    if read.validation:
+        validation = tokenize_conversations(read.validation, template, tokenizer, config.data, read.reports[1])
+    return PreparedData(train, validation, read.reports)
+
+
+def prepare_data(config: RunConfig, tokenizer, template) -> PreparedData:
+    """Read, validate, split and tokenise the train (and validation) data."""
+    return tokenize_data(read_data(config), config, tokenizer, template)
 
 
 def optimizer_windows(batches: list[Batch], grad_accum: int) -> list[list[Batch]]:
@@ -97,15 +118,16 @@ class SFTRecipe:
     def setup(self) -> None:
         config = self.config
         output = Path(config.train.output_dir)
-        if self.write_run_dir and output.exists() and any(output.iterdir()) and not self.overwrite:
-            raise UserError(f"run directory {output} already exists; choose another train.output_dir or pass "
-                            "--overwrite to replace it")
+        if self.write_run_dir:
+            check_run_dir(output, self.overwrite)  # fail in a second, before data and model are loaded
         seed_everything(config.train.seed)
-        # Data first: every row is validated before the model is loaded.
+        # Data first: every row is validated before the model is even looked up, so bad data fails in seconds
+        # and is not hidden behind a model error.
+        read = read_data(config)
         source = resolve_model(config.model.name_or_path)
         self.tokenizer = load_tokenizer(source)
         self.template = load_template(config.data.template, self.tokenizer)
-        self.data = prepare_data(config, self.tokenizer, self.template)
+        self.data = tokenize_data(read, config, self.tokenizer, self.template)
         for report in self.data.reports:
             for line in report.lines():
                 self.log(line)
@@ -114,9 +136,13 @@ class SFTRecipe:
         self.bf16 = bf16_autocast_enabled(config.train.mixed_precision, self.device)
         model = load_model(source, config.model.dtype, config.model.attn_implementation,
                            trainable_adapter=config.lora.enabled)
+        if source.adapter is not None and not config.lora.enabled:
+            # Full fine-tuning from a LoRA run: fold the adapter into the weights, then train all of them (a
+            # frozen PeftModel would leave nothing to train).
+            model = model.merge_and_unload()
         if source.adapter is None and config.lora.enabled:
             model = add_lora(model, config.lora)
-        elif source.adapter is None:
+        elif not config.lora.enabled:
             model.requires_grad_(True)
         model.to(self.device)
         # Dropout lives in the adapters; the base model has none to switch on.
@@ -130,17 +156,39 @@ class SFTRecipe:
 
         # The data order is owned by this generator, seeded from the run's seed.
         self.data_generator = torch.Generator().manual_seed(config.train.seed)
-        batches_per_epoch = len(self._epoch_batches(shuffle=False))
-        steps_per_epoch = math.ceil(batches_per_epoch / config.train.grad_accum)
-        self.total_steps = config.train.max_steps or steps_per_epoch * config.train.epochs
+        self.total_steps = config.train.max_steps or self._planned_steps()
         self.optimizer = build_optimizer(model, config.train)
         self.scheduler = build_scheduler(self.optimizer, config.train, self.total_steps)
         self.validation_batches = make_batches(self.data.validation, config.train.batch_size,
                                                self.tokenizer.pad_token_id) if self.data.validation else []
         if self.write_run_dir:
             self.run_dir = prepare_run_dir(output, self.overwrite)
+            # The resolved config goes in first: it documents the run while it trains, and it marks the folder
+            # as tuneforge's, so a run that stops early (NaN, Ctrl-C) can still be replaced with --overwrite.
+            save_config(config, self.run_dir / "config.yaml")
             (self.run_dir / "data_report.json").write_text(
                 json.dumps([r.to_dict() for r in self.data.reports], indent=2))
+
+    def _planned_steps(self) -> int:
+        """Optimiser steps of ``train.epochs`` epochs.
+
+        Rows are packed after shuffling, so the number of packs can change from epoch to epoch; each epoch is
+        planned from a copy of the data generator, drawing the same orders as :func:`make_batches` will (without
+        building any tensors). Counting one unshuffled epoch instead would end the run early, mid-epoch.
+        """
+        data, train = self.config.data, self.config.train
+        examples = self.data.train
+        if not data.packing:
+            return math.ceil(math.ceil(len(examples) / train.batch_size) / train.grad_accum) * train.epochs
+        generator = torch.Generator()
+        generator.set_state(self.data_generator.get_state())
+        steps = 0
+        for _ in range(train.epochs):
+            order = (torch.randperm(len(examples), generator=generator).tolist() if data.shuffle
+                     else range(len(examples)))
+            packs = pack_examples([examples[i] for i in order], data.max_length)
+            steps += math.ceil(math.ceil(len(packs) / train.batch_size) / train.grad_accum)
+        return steps
 
     def _epoch_batches(self, shuffle: bool) -> list[Batch]:
         generator = self.data_generator if shuffle and self.config.data.shuffle else None
@@ -149,9 +197,13 @@ class SFTRecipe:
                             generator=generator)
 
     # ----------------------------------------------------------------------------------------------- train
-    def train_step(self, window: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimiser step over the micro-batches of ``window``; returns (loss, grad_norm) as tensors, so the
-        caller decides when to pay for a host sync."""
+    def compute_gradients(self, window: list[Batch]) -> torch.Tensor:
+        """Forward + backward over the micro-batches of ``window``, accumulating into ``.grad``.
+
+        Each micro-batch's loss *sum* is divided by the trained-token count of the whole window (not its own),
+        so the accumulated gradient is the mean over every trained token of the step, whatever the batch
+        geometry. Returns that mean loss as a tensor (no host sync).
+        """
         config = self.config.train
         trained = sum(batch.num_trained for batch in window)  # host-side count: no sync
         loss_total = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -160,13 +212,20 @@ class SFTRecipe:
                 loss_sum = lm_loss_sum(self.model, move(batch, self.device), config.loss_chunk_size)
             (loss_sum / trained).backward()
             loss_total += loss_sum.detach()
+        return loss_total / trained
+
+    def train_step(self, window: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step over the micro-batches of ``window``; returns (loss, grad_norm) as tensors, so the
+        caller decides when to pay for a host sync."""
+        config = self.config.train
+        loss = self.compute_gradients(window)
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_total / trained, grad_norm
+        return loss, grad_norm
 
     def evaluate(self) -> dict | None:
         if not self.validation_batches:
@@ -185,6 +244,8 @@ class SFTRecipe:
         try:
             while not done:
                 for window in optimizer_windows(self._epoch_batches(shuffle=True), config.grad_accum):
+                    # The rate this step trains with; after train_step the scheduler already shows the next one.
+                    lr = self.scheduler.get_last_lr()[0]
                     loss, grad_norm = self.train_step(window)
                     step += 1
                     window_tokens = sum(batch.num_tokens for batch in window)
@@ -193,7 +254,7 @@ class SFTRecipe:
                     metrics.advance()
                     if step % config.log_every == 0 or step == self.total_steps:
                         now = time.perf_counter()
-                        record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": self.scheduler.get_last_lr()[0],
+                        record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr,
                                   "grad_norm": grad_norm.item(), "tokens": tokens,
                                   "tokens_per_s": interval_tokens / max(now - interval_start, 1e-9),
                                   "elapsed_s": now - start}

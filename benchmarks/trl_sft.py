@@ -1,0 +1,93 @@
+"""The `tuneforge bench` SFT workload run through TRL's SFTTrainer + PEFT, for a side-by-side comparison.
+
+Same model, same synthetic rows (tuneforge.bench.synthetic_rows), same batch size, max length, LoRA rank
+(alpha = 2r, all linear layers, dropout 0.05) and dtype; completion-only loss. Prints one JSON line in the
+format of `tuneforge bench`. Needs `pip install trl` (not a tuneforge dependency).
+
+    python benchmarks/trl_sft.py [--model DIR] [--batch-size 4] [--max-length 256] [--steps 5] [--lora-r 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--lora-r", type=int, default=16)
+    args = parser.parse_args()
+
+    import trl
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from tuneforge.bench import synthetic_rows
+    from tuneforge.models.loading import resolve_model
+
+    path = resolve_model(args.model).base
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    dataset = Dataset.from_list(synthetic_rows())
+
+    class Timer(TrainerCallback):
+        """Times steps after the first (warm-up), counting non-padding tokens of each batch."""
+
+        def __init__(self):
+            self.start = None
+            self.tokens = 0
+            self.step = 0
+
+        def on_step_begin(self, args_, state, control, **kwargs):
+            if state.global_step == 1:
+                self.start = time.perf_counter()
+
+        def on_step_end(self, args_, state, control, **kwargs):
+            if state.global_step == 1 + args.steps:
+                self.elapsed = time.perf_counter() - self.start
+
+    timer = Timer()
+    counted = {"tokens": 0, "calls": 0}
+    collator_tokens = []
+
+    config = SFTConfig(output_dir="/tmp/trl-bench", per_device_train_batch_size=args.batch_size,
+                       max_length=args.max_length, max_steps=args.steps + 1, learning_rate=1e-4,
+                       logging_steps=1000, save_strategy="no", report_to=[], bf16=False, fp16=False,
+                       use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, seed=0,
+                       completion_only_loss=True, packing=False)
+    peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.05,
+                             target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=[timer])
+    # Count real tokens of the batches the trainer actually sees (steps 2..steps+1 are timed).
+    original = trainer.data_collator
+
+    def counting_collator(features):
+        batch = original(features)
+        collator_tokens.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch
+                               else int(batch["input_ids"].numel()))
+        return batch
+
+    trainer.data_collator = counting_collator
+    trainer.train()
+    tokens = sum(collator_tokens[1:1 + args.steps])
+    print(json.dumps({
+        "framework": f"trl {trl.__version__}", "model": args.model, "batch_size": args.batch_size,
+        "max_length": args.max_length, "steps": args.steps, "lora_r": args.lora_r,
+        "tokens_per_s": round(tokens / timer.elapsed, 2), "step_time_s": round(timer.elapsed / args.steps, 4),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()
