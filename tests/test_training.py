@@ -60,7 +60,7 @@ def randomise_lora_b(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def only_window(recipe: SFTRecipe) -> list[Batch]:
-    windows = optimizer_windows(recipe._epoch_batches(shuffle=True), recipe.config.train.grad_accum)
+    windows = list(optimizer_windows(recipe._epoch_batches(shuffle=True), recipe.config.train.grad_accum))
     assert len(windows) == 1
     return windows[0]
 
@@ -139,6 +139,22 @@ def test_gradient_invariant_to_batch_size_and_accumulation(make_config, varied_f
         (loss_sum / batch.num_trained / len(micro)).backward()
     naive = {n: p.grad.detach().clone() for n, p in recipe.model.named_parameters() if p.grad is not None}
     assert relative_difference(naive, grads_8x1) > 1e-2
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_gradient_checkpointing_gives_the_same_gradients(make_config, varied_file, lora):
+    results = []
+    for checkpointing in (False, True):
+        recipe = make_recipe(make_config(varied_file, lora={"enabled": lora},
+                                         train={"batch_size": 8, "gradient_checkpointing": checkpointing}))
+        # The option must really switch checkpointing on, or this test would compare a run with itself.
+        assert any(getattr(m, "gradient_checkpointing", False) for m in recipe.model.modules()) == checkpointing
+        if lora:
+            randomise_lora_b(recipe.model)
+        results.append(gradients(recipe, only_window(recipe)))
+    (loss, grads), (loss_gc, grads_gc) = results
+    assert loss_gc == pytest.approx(loss, rel=1e-6)
+    assert_same_grads(grads_gc, grads)
 
 
 def test_train_step_loss_is_the_token_mean_of_the_window(make_config, varied_file):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from tuneforge.config import config_from_dict
-from tuneforge.recipes.sft import SFTRecipe, optimizer_windows
+from tuneforge.recipes.sft import SFTRecipe
 
 _WORDS = ("river stone lantern harbour copper meadow signal window orbit garden quiet market bridge paper "
           "engine winter silver forest cable ladder island morning thunder velvet canyon mirror pocket "
@@ -78,7 +78,7 @@ def lora_parameters(model: torch.nn.Module) -> int:
 
 def run_bench(method: str = "sft", model: str = "default", data: str | None = None, batch_size: int = 4,
               max_length: int = 256, steps: int = 5, lora_r: int = 16, dtype: str = "float32",
-              packing: bool = False, full: bool = False) -> dict:
+              packing: bool = False, full: bool = False, gradient_checkpointing: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         if data is None:
             data = str(Path(scratch) / "bench.jsonl")
@@ -90,16 +90,14 @@ def run_bench(method: str = "sft", model: str = "default", data: str | None = No
             "lora": {"enabled": not full, "r": lora_r, "alpha": 2 * lora_r},
             "train": {"output_dir": str(Path(scratch) / "run"), "batch_size": batch_size, "epochs": 1000,
                       "max_steps": steps + 1, "lr": 1e-4, "seed": 0,
-                      "mixed_precision": "bf16" if dtype == "bfloat16" else "no"},
+                      "mixed_precision": "bf16" if dtype == "bfloat16" else "no",
+                      "gradient_checkpointing": gradient_checkpointing},
         })
         recipe = SFTRecipe(config, log=lambda message: None, show_progress=False, run_dir=False)
         recipe.setup()
         batches = recipe._epoch_batches(shuffle=False)
-        windows = optimizer_windows(batches, 1)
-        if not windows:
-            raise ValueError("no data to benchmark")
-        # Cycle through the data so any number of steps can be timed.
-        plan = [windows[i % len(windows)] for i in range(steps + 1)]
+        # Cycle through the data so any number of steps can be timed; one micro-batch per step.
+        plan = [[batches[i % len(batches)]] for i in range(steps + 1)]
         device = recipe.device
 
         recipe.train_step(plan[0])  # warm-up: allocator, kernels, autograd graph caches
@@ -129,6 +127,7 @@ def run_bench(method: str = "sft", model: str = "default", data: str | None = No
         result = {
             "method": method, "model": model, "dtype": dtype, "mode": "full" if full else f"lora-r{lora_r}",
             "batch_size": batch_size, "max_length": max_length, "packing": packing, "steps": steps,
+            "gradient_checkpointing": gradient_checkpointing,
             "tokens_per_s": round(tokens / elapsed, 2),
             "trained_tokens_per_s": round(trained / elapsed, 2),
             "step_time_s": round(elapsed / steps, 4),

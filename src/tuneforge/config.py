@@ -126,7 +126,10 @@ class TrainConfig:
         log_every: log every N optimiser steps.
         mixed_precision: ``auto`` uses bf16 autocast where the hardware does bf16 fast, ``bf16`` forces it,
             ``no`` disables it.
-        loss_chunk_size: tokens per chunk of the output projection and loss (the full logits are never built).
+        loss_chunk_size: tokens per chunk of the output projection and loss (the full logits are never built);
+            extra memory is about loss_chunk_size x vocab floats.
+        gradient_checkpointing: recompute each decoder layer's activations in backward instead of keeping them
+            (much less memory, about a third more compute).
         eval_every: evaluate validation loss every N steps (0: only at the end).
     """
 
@@ -145,7 +148,8 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 1
     mixed_precision: Literal["auto", "bf16", "no"] = "no"
-    loss_chunk_size: int = 1024
+    loss_chunk_size: int = 256
+    gradient_checkpointing: bool = False
     eval_every: int = 0
 
 

@@ -7,12 +7,13 @@ anything heavy is loaded.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from tuneforge.config import DataConfig
-from tuneforge.data.collate import Batch, collate_packed, collate_padded, pack_examples
+from tuneforge.data.collate import collate_packed, collate_padded, pack_examples
 from tuneforge.data.formats import Conversation, to_conversation
 from tuneforge.data.readers import BadRow, read_rows
 from tuneforge.data.templates import Template
@@ -123,15 +124,37 @@ def split_validation(conversations: list[Conversation], fraction: float, seed: i
     return train, validation
 
 
+class EpochBatches(Sequence):
+    """The micro-batches of one epoch, collated when read.
+
+    Only the grouping of examples is held; tensors (and, for packs, the (seq, seq) attention masks) are built one
+    batch at a time, so an epoch of long packed sequences costs no more memory than one batch.
+    """
+
+    def __init__(self, groups: list[list], pad_id: int, packed: bool):
+        self.groups = groups
+        self.pad_id = pad_id
+        self.packed = packed
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        group = self.groups[index]
+        return collate_packed(group, self.pad_id) if self.packed else collate_padded(group, self.pad_id)
+
+
 def make_batches(examples: list[Example], batch_size: int, pad_id: int, *, packing: bool = False,
-                 max_length: int = 0, generator: torch.Generator | None = None) -> list[Batch]:
+                 max_length: int = 0, generator: torch.Generator | None = None) -> EpochBatches:
     """One epoch of micro-batches. With a generator the order is shuffled (the generator is the run's, so the
     order is reproducible from its seed); with packing, rows are packed after shuffling."""
     order = list(range(len(examples)))
     if generator is not None:
         order = torch.randperm(len(examples), generator=generator).tolist()
-    ordered = [examples[i] for i in order]
+    ordered: list = [examples[i] for i in order]
     if packing:
-        packs = pack_examples(ordered, max_length)
-        return [collate_packed(packs[i:i + batch_size], pad_id) for i in range(0, len(packs), batch_size)]
-    return [collate_padded(ordered[i:i + batch_size], pad_id) for i in range(0, len(ordered), batch_size)]
+        ordered = pack_examples(ordered, max_length)
+    groups = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    return EpochBatches(groups, pad_id, packing)

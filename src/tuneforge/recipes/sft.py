@@ -11,6 +11,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +19,8 @@ import numpy as np
 import torch
 
 from tuneforge.config import RunConfig, save_config
-from tuneforge.data.collate import Batch, pack_examples
-from tuneforge.data.dataset import (DataReport, load_conversations, make_batches, split_validation,
+from tuneforge.data.collate import Batch
+from tuneforge.data.dataset import (DataReport, EpochBatches, load_conversations, make_batches, split_validation,
                                     tokenize_conversations)
 from tuneforge.data.formats import Conversation
 from tuneforge.data.templates import load_template
@@ -29,7 +30,7 @@ from tuneforge.engine.optim import build_optimizer, build_scheduler
 from tuneforge.engine.rundir import check_run_dir, prepare_run_dir, save_run
 from tuneforge.engine.step import autocast, bf16_autocast_enabled, evaluate_loss, lm_loss_sum, move, pick_device
 from tuneforge.errors import UserError
-from tuneforge.models.adapters import add_lora
+from tuneforge.models.adapters import add_lora, causal_lm
 from tuneforge.models.loading import load_model, load_tokenizer, resolve_model
 
 
@@ -96,9 +97,10 @@ def prepare_data(config: RunConfig, tokenizer, template) -> PreparedData:
     return tokenize_data(read_data(config), config, tokenizer, template)
 
 
-def optimizer_windows(batches: list[Batch], grad_accum: int) -> list[list[Batch]]:
-    """Micro-batches grouped by optimiser step; the last group may be shorter."""
-    return [batches[i:i + grad_accum] for i in range(0, len(batches), grad_accum)]
+def optimizer_windows(batches: Sequence[Batch], grad_accum: int) -> Iterator[list[Batch]]:
+    """Micro-batches grouped by optimiser step (collated as they are reached); the last group may be shorter."""
+    for start in range(0, len(batches), grad_accum):
+        yield batches[start:start + grad_accum]
 
 
 class SFTRecipe:
@@ -145,6 +147,9 @@ class SFTRecipe:
         elif not config.lora.enabled:
             model.requires_grad_(True)
         model.to(self.device)
+        if config.train.gradient_checkpointing:
+            # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.
+            causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Dropout lives in the adapters; the base model has none to switch on.
         model.train()
         self.model = model
@@ -173,25 +178,19 @@ class SFTRecipe:
         """Optimiser steps of ``train.epochs`` epochs.
 
         Rows are packed after shuffling, so the number of packs can change from epoch to epoch; each epoch is
-        planned from a copy of the data generator, drawing the same orders as :func:`make_batches` will (without
-        building any tensors). Counting one unshuffled epoch instead would end the run early, mid-epoch.
+        planned with a copy of the data generator (grouping only, no tensors are built).
         """
-        data, train = self.config.data, self.config.train
-        examples = self.data.train
-        if not data.packing:
-            return math.ceil(math.ceil(len(examples) / train.batch_size) / train.grad_accum) * train.epochs
+        train = self.config.train
         generator = torch.Generator()
         generator.set_state(self.data_generator.get_state())
         steps = 0
         for _ in range(train.epochs):
-            order = (torch.randperm(len(examples), generator=generator).tolist() if data.shuffle
-                     else range(len(examples)))
-            packs = pack_examples([examples[i] for i in order], data.max_length)
-            steps += math.ceil(math.ceil(len(packs) / train.batch_size) / train.grad_accum)
+            batches = self._epoch_batches(shuffle=True, generator=generator)
+            steps += math.ceil(len(batches) / train.grad_accum)
         return steps
 
-    def _epoch_batches(self, shuffle: bool) -> list[Batch]:
-        generator = self.data_generator if shuffle and self.config.data.shuffle else None
+    def _epoch_batches(self, shuffle: bool, generator: torch.Generator | None = None) -> EpochBatches:
+        generator = (generator or self.data_generator) if shuffle and self.config.data.shuffle else None
         return make_batches(self.data.train, self.config.train.batch_size, self.tokenizer.pad_token_id,
                             packing=self.config.data.packing, max_length=self.config.data.max_length,
                             generator=generator)
