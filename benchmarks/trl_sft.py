@@ -45,8 +45,7 @@ def main() -> None:
 
         def __init__(self):
             self.start = None
-            self.tokens = 0
-            self.step = 0
+            self.elapsed = None
 
         def on_step_begin(self, args_, state, control, **kwargs):
             if state.global_step == 1:
@@ -57,7 +56,6 @@ def main() -> None:
                 self.elapsed = time.perf_counter() - self.start
 
     timer = Timer()
-    counted = {"tokens": 0, "calls": 0}
     collator_tokens = []
 
     config = SFTConfig(output_dir="/tmp/trl-bench", per_device_train_batch_size=args.batch_size,

@@ -19,10 +19,26 @@ def _train(args) -> int:
     from tuneforge.config import load_config
     from tuneforge.recipes.sft import run_sft
 
+    from tuneforge.engine.distributed import shutdown_distributed
+    from tuneforge.engine.signals import EXIT_CODES
+
     config = load_config(args.config, args.overrides)
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
-    summary = run_sft(config, overwrite=args.overwrite, log=log)
+    try:
+        summary = run_sft(config, overwrite=args.overwrite, log=log, resume=args.resume or False, force=args.force)
+    finally:
+        shutdown_distributed()
+    if summary.get("run_dir") and summary.get("stop_reason") != "interrupted":
+        log(f"run directory: {summary['run_dir']} (summary.json, curves.png, metrics.jsonl)")
     print(json.dumps(summary))
+    return EXIT_CODES.get(summary.get("signal"), 0) if summary.get("stop_reason") == "interrupted" else 0
+
+
+def _plot(args) -> int:
+    from tuneforge.engine.plots import plot_runs
+
+    out = plot_runs(args.run_dirs, args.out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -126,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
 
     train = verbs.add_parser(
-        "train", help="train with the method named in the config (method: sft)",
+        "train", help="train with the method named in the config (method: sft); works under torchrun",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train from a YAML config plus key=value overrides with dotted keys "
                     "(train.lr=1e-4 lora.r=8).",
@@ -134,7 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lora.r=8 train.epochs=1")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
+                       help="continue from the newest complete checkpoint of train.output_dir, or from CHECKPOINT")
+    train.add_argument("--force", action="store_true",
+                       help="resume even if the config changes what is trained (model, data, batch geometry)")
     train.set_defaults(func=_train)
+
+    plot = verbs.add_parser("plot", help="draw the training curves of one or more runs on one figure")
+    plot.add_argument("run_dirs", nargs="+", help="run directories (each with metrics.jsonl)")
+    plot.add_argument("--out", default="curves.png", help="output PNG (default curves.png)")
+    plot.set_defaults(func=_plot)
 
     data = verbs.add_parser("data", help="inspect training data").add_subparsers(dest="data_verb", metavar="VERB")
     data.required = True

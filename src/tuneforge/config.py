@@ -130,7 +130,6 @@ class TrainConfig:
             extra memory is about loss_chunk_size x vocab floats.
         gradient_checkpointing: recompute each decoder layer's activations in backward instead of keeping them
             (much less memory, about a third more compute).
-        eval_every: evaluate validation loss every N steps (0: only at the end).
     """
 
     output_dir: str = "runs/sft"
@@ -150,7 +149,75 @@ class TrainConfig:
     mixed_precision: Literal["auto", "bf16", "no"] = "no"
     loss_chunk_size: int = 256
     gradient_checkpointing: bool = False
-    eval_every: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Validation during training and early stopping (needs ``data.validation`` or ``data.val_fraction``).
+
+    Attributes:
+        every: evaluate every N optimiser steps; 0 evaluates only at the end of each epoch (always done).
+        metric: validation metric that picks the best checkpoint and drives early stopping
+            (``val_loss``, ``val_perplexity``, or any other logged ``val_*`` metric).
+        mode: ``min`` or ``max``; ``auto`` means min for losses and perplexities, max otherwise.
+        patience: stop after this many evaluations without an improvement of at least ``min_delta``
+            (0 disables early stopping).
+        min_delta: smallest change of the metric that counts as an improvement.
+        final: what the run directory holds at the end: the ``best`` checkpoint by ``metric`` or the ``last``.
+    """
+
+    every: int = 0
+    metric: str = "val_loss"
+    mode: Literal["auto", "min", "max"] = "auto"
+    patience: int = 0
+    min_delta: float = 0.0
+    final: Literal["best", "last"] = "best"
+
+    def minimise(self) -> bool:
+        if self.mode != "auto":
+            return self.mode == "min"
+        return "loss" in self.metric or "perplexity" in self.metric
+
+
+@dataclass
+class SaveConfig:
+    """Checkpoints for resume (``RUN_DIR/checkpoints/step-N``), each complete only once its marker is written.
+
+    Attributes:
+        every: checkpoint every N optimiser steps (0: only at the end, at each new best, and when interrupted).
+        keep_last: complete checkpoints kept besides the best one; older ones are removed only after a newer one
+            is complete.
+    """
+
+    every: int = 0
+    keep_last: int = 2
+
+
+@dataclass
+class LogConfig:
+    """Extra loggers; ``RUN_DIR/metrics.jsonl`` is always written.
+
+    Attributes:
+        loggers: any of ``tensorboard``, ``wandb``, ``mlflow`` (each needs its package installed).
+        project: project / experiment name for wandb and mlflow.
+    """
+
+    loggers: list = field(default_factory=list)
+    project: str = "tuneforge"
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-process training under ``torchrun`` (ignored in a single process).
+
+    Attributes:
+        strategy: ``ddp`` (DistributedDataParallel: every rank holds the whole model) or ``fsdp`` (FSDP2
+            ``fully_shard``: parameters, gradients and optimiser states sharded across ranks).
+        backend: ``auto`` picks nccl on CUDA and gloo on CPU.
+    """
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
 
 
 @dataclass
@@ -162,6 +229,10 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -185,7 +256,11 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.max_grad_norm": (0.0, None),
     "train.log_every": (1, None),
     "train.loss_chunk_size": (1, None),
-    "train.eval_every": (0, None),
+    "eval.every": (0, None),
+    "eval.patience": (0, None),
+    "eval.min_delta": (0.0, None),
+    "save.every": (0, None),
+    "save.keep_last": (1, None),
 }
 
 
@@ -280,6 +355,13 @@ def _check_ranges(config: RunConfig) -> None:
         raise ConfigError(f"lora.target_modules: expected 'all-linear' or a list of module names, got {target!r}")
     if len(config.train.betas) != 2 or not all(isinstance(b, (int, float)) for b in config.train.betas):
         raise ConfigError(f"train.betas: expected two numbers, got {config.train.betas!r}")
+    if not config.eval.metric.startswith("val_"):
+        raise ConfigError(f"eval.metric: {config.eval.metric!r} is not a validation metric; use val_loss, "
+                          "val_perplexity or another logged val_* metric")
+    known_loggers = ("tensorboard", "wandb", "mlflow")
+    for name in config.log.loggers:
+        if name not in known_loggers:
+            raise ConfigError(f"log.loggers: unknown logger {name!r}; use any of {', '.join(known_loggers)}")
 
 
 def _is_template_path(spec: str) -> bool:

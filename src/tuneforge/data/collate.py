@@ -33,6 +33,8 @@ class Batch:
         position_ids: (batch, seq) positions restarting at 0 for each sample.
         num_tokens: real (non-padding) tokens in the batch.
         num_trained: positions with a target.
+        global_tokens / global_trained: the same counts over this micro-batch on *all* ranks (equal to the local
+            counts in one process); the loss of a step is normalised by the global trained count.
     """
 
     input_ids: torch.Tensor
@@ -41,9 +43,24 @@ class Batch:
     position_ids: torch.Tensor
     num_tokens: int
     num_trained: int
+    global_tokens: int | None = None
+    global_trained: int | None = None
+
+    def __post_init__(self):
+        if self.global_tokens is None:
+            self.global_tokens = self.num_tokens
+        if self.global_trained is None:
+            self.global_trained = self.num_trained
 
     def model_inputs(self) -> dict:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
+
+def placeholder_example(example: Example) -> Example:
+    """A copy of ``example`` with nothing trained: what a rank runs when the last global batch of an epoch has
+    no rows left for it, so that every rank still joins the collective calls of the step. Its loss is exactly 0
+    and it adds nothing to the token counts, which are global."""
+    return Example(list(example.input_ids), [IGNORE_INDEX] * len(example.labels), row=example.row)
 
 
 def collate_padded(examples: list[Example], pad_id: int) -> Batch:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tuneforge.config import DataConfig
-from tuneforge.data.collate import collate_packed, collate_padded, pack_examples
+from tuneforge.data.collate import collate_packed, collate_padded, pack_examples, placeholder_example
 from tuneforge.data.formats import Conversation, to_conversation
 from tuneforge.data.readers import BadRow, read_rows
 from tuneforge.data.templates import Template
@@ -125,16 +125,20 @@ def split_validation(conversations: list[Conversation], fraction: float, seed: i
 
 
 class EpochBatches(Sequence):
-    """The micro-batches of one epoch, collated when read.
+    """The micro-batches of one epoch for one rank, collated when read.
 
-    Only the grouping of examples is held; tensors (and, for packs, the (seq, seq) attention masks) are built one
-    batch at a time, so an epoch of long packed sequences costs no more memory than one batch.
+    ``groups`` are *global* micro-batches (``batch_size × world_size`` rows or packs); rank r reads rows
+    [r·batch_size, (r+1)·batch_size) of each. Only the grouping is held: tensors (and, for packs, the (seq, seq)
+    attention masks) are built one batch at a time, so an epoch of long packed sequences costs no more memory
+    than one batch.
     """
 
-    def __init__(self, groups: list[list], pad_id: int, packed: bool):
+    def __init__(self, groups: list[list], pad_id: int, packed: bool, batch_size: int, rank: int = 0):
         self.groups = groups
         self.pad_id = pad_id
         self.packed = packed
+        self.batch_size = batch_size
+        self.rank = rank
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -143,18 +147,29 @@ class EpochBatches(Sequence):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         group = self.groups[index]
-        return collate_packed(group, self.pad_id) if self.packed else collate_padded(group, self.pad_id)
+        mine = group[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        if not mine:
+            first = group[0][0] if self.packed else group[0]
+            mine = [[placeholder_example(first)]] if self.packed else [placeholder_example(first)]
+        batch = collate_packed(mine, self.pad_id) if self.packed else collate_padded(mine, self.pad_id)
+        rows = [e for pack in group for e in pack] if self.packed else group
+        batch.global_tokens = sum(len(e.input_ids) for e in rows)
+        batch.global_trained = sum(e.num_trained for e in rows)
+        return batch
 
 
 def make_batches(examples: list[Example], batch_size: int, pad_id: int, *, packing: bool = False,
-                 max_length: int = 0, generator: torch.Generator | None = None) -> EpochBatches:
-    """One epoch of micro-batches. With a generator the order is shuffled (the generator is the run's, so the
-    order is reproducible from its seed); with packing, rows are packed after shuffling."""
+                 max_length: int = 0, generator: torch.Generator | None = None, rank: int = 0,
+                 world_size: int = 1) -> EpochBatches:
+    """One epoch of micro-batches for ``rank`` of ``world_size``. With a generator the order is shuffled (the
+    generator is the run's, so the order is reproducible from its seed and the same on every rank); with
+    packing, rows are packed after shuffling."""
     order = list(range(len(examples)))
     if generator is not None:
         order = torch.randperm(len(examples), generator=generator).tolist()
     ordered: list = [examples[i] for i in order]
     if packing:
         ordered = pack_examples(ordered, max_length)
-    groups = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
-    return EpochBatches(groups, pad_id, packing)
+    size = batch_size * world_size
+    groups = [ordered[i:i + size] for i in range(0, len(ordered), size)]
+    return EpochBatches(groups, pad_id, packing, batch_size, rank)

@@ -1,4 +1,5 @@
-"""Metrics: one JSON object per logging step appended to ``RUN_DIR/metrics.jsonl``, and a progress bar."""
+"""Metrics: one JSON object per logging step appended to ``RUN_DIR/metrics.jsonl``, a progress bar on a
+terminal (or a line per log step elsewhere), and optional TensorBoard / Weights & Biases / MLflow loggers."""
 
 from __future__ import annotations
 
@@ -6,12 +7,26 @@ import json
 import sys
 from pathlib import Path
 
+from tuneforge.errors import UserError
+
 
 class MetricsLog:
-    """Appends records to ``metrics.jsonl`` and shows a progress bar when stderr is a terminal."""
+    """Appends records to ``metrics.jsonl`` and forwards them to the configured loggers.
 
-    def __init__(self, path: str | Path | None, total_steps: int, show_progress: bool | None = None):
+    Args:
+        path: the metrics file (None: keep nothing on disk, e.g. in the bench).
+        total_steps: for the progress bar.
+        show_progress: a tqdm bar; None means "when stderr is a terminal".
+        echo: called with a one-line summary of each training record when there is no progress bar.
+        loggers: names from ``log.loggers``; ``run_dir`` and ``project`` configure them.
+    """
+
+    def __init__(self, path: str | Path | None, total_steps: int, show_progress: bool | None = None,
+                 echo=None, loggers: list[str] = (), run_dir: Path | None = None, project: str = "tuneforge",
+                 config: dict | None = None):
         self.path = Path(path) if path is not None else None
+        self.total_steps = total_steps
+        self.echo = echo
         self.bar = None
         if show_progress is None:
             show_progress = sys.stderr.isatty()
@@ -19,13 +34,32 @@ class MetricsLog:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+        self.sinks = [_open_logger(name, run_dir, project, config or {}) for name in loggers]
+
+    def start_at(self, step: int) -> None:
+        """Resume: drop records after ``step`` (written after the checkpoint by the killed run) and move the bar."""
+        if self.path is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        if self.bar is not None:
+            self.bar.update(step)
 
     def log(self, record: dict) -> None:
         if self.path is not None:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
-        if self.bar is not None and "loss" in record:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        for sink in self.sinks:
+            sink(record)
+        if "loss" in record:
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            elif self.echo is not None:
+                self.echo(f"step {record['step']}/{self.total_steps} loss {record['loss']:.4f} "
+                          f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s")
+        elif self.echo is not None and self.bar is None:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
+            self.echo(f"step {record['step']}: {shown}")
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
@@ -34,6 +68,50 @@ class MetricsLog:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            if close:
+                close()
+
+
+def _open_logger(name: str, run_dir: Path | None, project: str, config: dict):
+    """A callable taking a record dict; raises a clear error when the logger's package is missing."""
+    try:
+        if name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(log_dir=str((run_dir or Path(".")) / "tensorboard"))
+
+            def write(record, writer=writer):
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        writer.add_scalar(key, value, record["step"])
+                writer.flush()
+
+            write.close = writer.close
+            return write
+        if name == "wandb":
+            import wandb
+
+            run = wandb.init(project=project, config=config, dir=str(run_dir) if run_dir else None)
+            log = lambda record: run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])  # noqa: E731
+            log.close = run.finish
+            return log
+        if name == "mlflow":
+            import mlflow
+
+            mlflow.set_experiment(project)
+            mlflow.start_run()
+
+            def log(record):
+                mlflow.log_metrics({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                                   step=record["step"])
+
+            log.close = mlflow.end_run
+            return log
+    except ImportError:
+        raise UserError(f"log.loggers: {name} is not installed; pip install 'tuneforge[{name}]'") from None
+    raise UserError(f"log.loggers: unknown logger {name!r}")
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -43,15 +43,17 @@ def prepare_run_dir(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
-def save_run(path: Path, config: RunConfig, model, tokenizer, template, lora: bool) -> None:
+def save_run(path: Path, config: RunConfig, model, tokenizer, template, lora: bool,
+             state_dict: dict | None = None) -> None:
     """Write the trained weights, tokenizer, template and config; the run marker goes last, so a directory with
-    a marker is always complete."""
+    a marker is always complete. ``state_dict`` supplies gathered weights when the model is sharded (FSDP)."""
     save_config(config, path / "config.yaml")
+    extra = {"state_dict": state_dict} if state_dict is not None else {}
     if lora:
-        model.save_pretrained(path / "adapter")
+        model.save_pretrained(path / "adapter", **extra)
         tokenizer.save_pretrained(path / "tokenizer")
     else:
-        model.save_pretrained(path / "model")
+        model.save_pretrained(path / "model", **extra)
         tokenizer.save_pretrained(path / "model")
     base = config.model.name_or_path
     if Path(base).expanduser().exists():

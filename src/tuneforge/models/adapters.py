@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from tuneforge.config import LoraConfig
@@ -19,7 +21,10 @@ def add_lora(model: torch.nn.Module, config: LoraConfig) -> torch.nn.Module:
         r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, bias=config.bias,
         target_modules=config.target_modules, use_rslora=config.use_rslora, use_dora=config.use_dora,
         task_type="CAUSAL_LM")
-    return get_peft_model(model, peft_config)
+    with warnings.catch_warnings():
+        # PEFT calls transformers' deprecated is_gradient_checkpointing; the warning is not the user's concern.
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, peft_config)
 
 
 def is_peft(model: torch.nn.Module) -> bool:

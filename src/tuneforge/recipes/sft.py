@@ -1,8 +1,9 @@
 """Supervised fine-tuning: learn the assistant responses of instruction data, with LoRA or full fine-tuning.
 
-The loop, top to bottom: for each optimiser step, count the trained tokens of all its micro-batches, run
-forward + backward on each micro-batch with its loss *sum* divided by that count (so the step's gradient is the
-mean over every trained token, whatever the batch geometry), clip, step, schedule, log.
+The loop, top to bottom: for each optimiser step, count the trained tokens of all its micro-batches (on all
+ranks), run forward + backward on each micro-batch with its loss *sum* divided by that count (so the step's
+gradient is the mean over every trained token, whatever the batch geometry or number of processes), check the
+loss and gradient norm are finite, clip, step, schedule, log; evaluate, checkpoint and stop early on schedule.
 """
 
 from __future__ import annotations
@@ -12,23 +13,26 @@ import math
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from tuneforge.config import RunConfig, save_config
 from tuneforge.data.collate import Batch
-from tuneforge.data.dataset import (DataReport, EpochBatches, load_conversations, make_batches, split_validation,
-                                    tokenize_conversations)
-from tuneforge.data.formats import Conversation
+from tuneforge.data.dataset import EpochBatches, make_batches
+from tuneforge.data.prepare import read_data, tokenize_data
 from tuneforge.data.templates import load_template
-from tuneforge.data.tokenize import Example
+from tuneforge.engine import checkpoint as ckpt
+from tuneforge.engine.distributed import (barrier, full_state, init_distributed, no_sync, to_float, wrap_model)
+from tuneforge.engine.early_stopping import overfitting_start, record_evaluation, should_stop
 from tuneforge.engine.metrics import MetricsLog
 from tuneforge.engine.optim import build_optimizer, build_scheduler
+from tuneforge.engine.plots import plot_runs
 from tuneforge.engine.rundir import check_run_dir, prepare_run_dir, save_run
-from tuneforge.engine.step import autocast, bf16_autocast_enabled, evaluate_loss, lm_loss_sum, move, pick_device
+from tuneforge.engine.signals import StopRequest
+from tuneforge.engine.step import autocast, bf16_autocast_enabled, lm_loss_sum, move
 from tuneforge.errors import UserError
 from tuneforge.models.adapters import add_lora, causal_lm
 from tuneforge.models.loading import load_model, load_tokenizer, resolve_model
@@ -38,63 +42,10 @@ class NonFiniteLossError(UserError):
     """A NaN or infinite loss or gradient norm; the run stops without saving."""
 
 
-@dataclass
-class ReadData:
-    """Validated conversations, before tokenisation; ``reports[1]`` (when present) belongs to ``validation``."""
-
-    train: list[Conversation]
-    validation: list[Conversation]
-    reports: list[DataReport]
-
-
-@dataclass
-class PreparedData:
-    """Tokenised train and validation examples with their reports."""
-
-    train: list[Example]
-    validation: list[Example]
-    reports: list[DataReport] = field(default_factory=list)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def read_data(config: RunConfig) -> ReadData:
-    """Read and validate every row of the train (and validation) file, and hold out ``data.val_fraction``.
-
-    Needs no tokenizer, so bad data is reported before any model is resolved or loaded.
-    """
-    data = config.data
-    train_report = DataReport()
-    conversations = load_conversations(data.train, data, train_report)
-    if data.validation:
-        validation_report = DataReport()
-        validation = load_conversations(data.validation, data, validation_report)
-        return ReadData(conversations, validation, [train_report, validation_report])
-    if data.val_fraction > 0:
-        conversations, validation = split_validation(conversations, data.val_fraction, config.train.seed)
-        # Each report accounts for its own rows: rows = kept + dropped.
-        train_report.rows -= len(validation)
-        held_out = DataReport(path=f"{data.train} (held-out {data.val_fraction:g})", rows=len(validation))
-        return ReadData(conversations, validation, [train_report, held_out])
-    return ReadData(conversations, [], [train_report])
-
-
-def tokenize_data(read: ReadData, config: RunConfig, tokenizer, template) -> PreparedData:
-    """Tokenise the conversations of :func:`read_data` with ``template``, counting into its reports."""
-    train = tokenize_conversations(read.train, template, tokenizer, config.data, read.reports[0])
-    validation = []
-    if read.validation:
-        validation = tokenize_conversations(read.validation, template, tokenizer, config.data, read.reports[1])
-    return PreparedData(train, validation, read.reports)
-
-
-def prepare_data(config: RunConfig, tokenizer, template) -> PreparedData:
-    """Read, validate, split and tokenise the train (and validation) data."""
-    return tokenize_data(read_data(config), config, tokenizer, template)
 
 
 def optimizer_windows(batches: Sequence[Batch], grad_accum: int) -> Iterator[list[Batch]]:
@@ -104,27 +55,52 @@ def optimizer_windows(batches: Sequence[Batch], grad_accum: int) -> Iterator[lis
 
 
 class SFTRecipe:
-    """setup -> train -> save. Each stage is a plain method so tests and the bench can drive them."""
+    """setup -> train -> save. Each stage is a plain method so tests and the bench can drive them.
+
+    Args:
+        config: the validated run config.
+        overwrite: replace an existing run directory.
+        log: where progress messages go (rank 0 only).
+        show_progress: tqdm bar; None means "when stderr is a terminal".
+        run_dir: write a run directory (False for the bench and some tests).
+        resume: resume from the newest complete checkpoint of the run directory (True) or from the given one.
+        force: resume even when the config changes what is trained.
+    """
 
     def __init__(self, config: RunConfig, overwrite: bool = False, log=print, show_progress: bool | None = None,
-                 run_dir: bool = True):
+                 run_dir: bool = True, resume: bool | str = False, force: bool = False):
         self.config = config
         self.overwrite = overwrite
-        self.log = log
         self.show_progress = show_progress
         self.write_run_dir = run_dir
+        self.resume = resume
+        self.force = force
         self.run_dir: Path | None = None
         self.history: list[dict] = []
+        self.state = ckpt.TrainState()
+        self._log = log
+
+    def log(self, message: str) -> None:
+        if self.dist.is_main:
+            self._log(message)
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         config = self.config
+        self.dist = init_distributed(config.distributed)
         output = Path(config.train.output_dir)
-        if self.write_run_dir:
+        resume_from = None
+        if self.resume:
+            resume_from = ckpt.find_resume_checkpoint(output, self.resume if isinstance(self.resume, str) else None,
+                                                      self.log)
+            differences = ckpt.config_differences(ckpt.read_checkpoint_config(resume_from), config)
+            if differences and not self.force:
+                raise UserError(f"the config differs from the one of {resume_from} in what is trained: "
+                                + "; ".join(differences) + ". Resume with the same config, or pass --force")
+        elif self.write_run_dir:
             check_run_dir(output, self.overwrite)  # fail in a second, before data and model are loaded
         seed_everything(config.train.seed)
-        # Data first: every row is validated before the model is even looked up, so bad data fails in seconds
-        # and is not hidden behind a model error.
+        # Data first: every row is validated before the model is even looked up.
         read = read_data(config)
         source = resolve_model(config.model.name_or_path)
         self.tokenizer = load_tokenizer(source)
@@ -134,13 +110,41 @@ class SFTRecipe:
             for line in report.lines():
                 self.log(line)
 
-        self.device = pick_device()
+        self.device = self.dist.device
         self.bf16 = bf16_autocast_enabled(config.train.mixed_precision, self.device)
+        self.model = self._build_model(source)
+        self.wrapped = wrap_model(self.model, self._loss_sum, self.dist, config.distributed)
+
+        # The data order is owned by this generator, seeded from the run's seed (the same on every rank).
+        self.data_generator = torch.Generator().manual_seed(config.train.seed)
+        self.total_steps = config.train.max_steps or self._planned_steps()
+        self.optimizer = build_optimizer(self.model, config.train)
+        self.scheduler = build_scheduler(self.optimizer, config.train, self.total_steps)
+        if resume_from is not None:
+            self.state = ckpt.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler)
+            self.data_generator.set_state(torch.tensor(self.state.epoch_generator_state, dtype=torch.uint8))
+            self.log(f"resumed from {resume_from} at step {self.state.step} (epoch {self.state.epoch}, "
+                     f"step {self.state.epoch_position} of it)")
+        if self.write_run_dir:
+            if resume_from is not None:
+                self.run_dir = output
+            elif self.dist.is_main:
+                self.run_dir = prepare_run_dir(output, self.overwrite)
+                # The resolved config goes in first: it documents the run while it trains, and it marks the
+                # folder as tuneforge's, so a run that stops early can still be replaced with --overwrite.
+                save_config(config, self.run_dir / "config.yaml")
+                (self.run_dir / "data_report.json").write_text(
+                    json.dumps([r.to_dict() for r in self.data.reports], indent=2))
+            else:
+                self.run_dir = output
+        barrier(self.dist)
+
+    def _build_model(self, source) -> torch.nn.Module:
+        config = self.config
         model = load_model(source, config.model.dtype, config.model.attn_implementation,
                            trainable_adapter=config.lora.enabled)
         if source.adapter is not None and not config.lora.enabled:
-            # Full fine-tuning from a LoRA run: fold the adapter into the weights, then train all of them (a
-            # frozen PeftModel would leave nothing to train).
+            # Full fine-tuning from a LoRA run: fold the adapter into the weights, then train all of them.
             model = model.merge_and_unload()
         if source.adapter is None and config.lora.enabled:
             model = add_lora(model, config.lora)
@@ -149,30 +153,22 @@ class SFTRecipe:
         model.to(self.device)
         if config.train.gradient_checkpointing:
             # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.
-            causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            lm = causal_lm(model)
+            enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Dropout lives in the adapters; the base model has none to switch on.
         model.train()
-        self.model = model
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        self.log(f"model {config.model.name_or_path}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
-                 f"({'LoRA r=%d' % config.lora.r if config.lora.enabled else 'full fine-tuning'}), device {self.device}"
-                 f"{', bf16 autocast' if self.bf16 else ''}")
+        mode = f"LoRA r={config.lora.r}" if config.lora.enabled else "full fine-tuning"
+        ranks = f", {self.dist.world_size} processes ({config.distributed.strategy})" if self.dist.enabled else ""
+        self.log(f"model {config.model.name_or_path}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M "
+                 f"trainable ({mode}), device {self.device}{', bf16 autocast' if self.bf16 else ''}{ranks}")
+        return model
 
-        # The data order is owned by this generator, seeded from the run's seed.
-        self.data_generator = torch.Generator().manual_seed(config.train.seed)
-        self.total_steps = config.train.max_steps or self._planned_steps()
-        self.optimizer = build_optimizer(model, config.train)
-        self.scheduler = build_scheduler(self.optimizer, config.train, self.total_steps)
-        self.validation_batches = make_batches(self.data.validation, config.train.batch_size,
-                                               self.tokenizer.pad_token_id) if self.data.validation else []
-        if self.write_run_dir:
-            self.run_dir = prepare_run_dir(output, self.overwrite)
-            # The resolved config goes in first: it documents the run while it trains, and it marks the folder
-            # as tuneforge's, so a run that stops early (NaN, Ctrl-C) can still be replaced with --overwrite.
-            save_config(config, self.run_dir / "config.yaml")
-            (self.run_dir / "data_report.json").write_text(
-                json.dumps([r.to_dict() for r in self.data.reports], indent=2))
+    def _loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        with autocast(self.device, self.bf16):
+            return lm_loss_sum(model, batch, self.config.train.loss_chunk_size)
 
     def _planned_steps(self) -> int:
         """Optimiser steps of ``train.epochs`` epochs.
@@ -193,111 +189,233 @@ class SFTRecipe:
         generator = (generator or self.data_generator) if shuffle and self.config.data.shuffle else None
         return make_batches(self.data.train, self.config.train.batch_size, self.tokenizer.pad_token_id,
                             packing=self.config.data.packing, max_length=self.config.data.max_length,
-                            generator=generator)
+                            generator=generator, rank=self.dist.rank, world_size=self.dist.world_size)
 
     # ----------------------------------------------------------------------------------------------- train
     def compute_gradients(self, window: list[Batch]) -> torch.Tensor:
         """Forward + backward over the micro-batches of ``window``, accumulating into ``.grad``.
 
-        Each micro-batch's loss *sum* is divided by the trained-token count of the whole window (not its own),
-        so the accumulated gradient is the mean over every trained token of the step, whatever the batch
-        geometry. Returns that mean loss as a tensor (no host sync).
+        Each micro-batch's loss *sum* is divided by the trained-token count of the whole window on all ranks
+        (not its own), and multiplied by the world size because DDP / FSDP average gradients over ranks: the
+        accumulated gradient is the mean over every trained token of the step. Returns this rank's share of
+        that mean loss as a tensor (no host sync).
         """
-        config = self.config.train
-        trained = sum(batch.num_trained for batch in window)  # host-side count: no sync
+        trained = sum(batch.global_trained for batch in window)  # host-side count, same on every rank
+        if trained == 0:
+            raise RuntimeError("an optimiser step with no trained tokens")  # impossible: rows without any are dropped
+        scale = self.dist.world_size / trained
         loss_total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for batch in window:
-            with autocast(self.device, self.bf16):
-                loss_sum = lm_loss_sum(self.model, move(batch, self.device), config.loss_chunk_size)
-            (loss_sum / trained).backward()
+        for index, batch in enumerate(window):
+            with no_sync(self.wrapped, skip=index < len(window) - 1):
+                loss_sum = self.wrapped(move(batch, self.device))
+                (loss_sum * scale).backward()
             loss_total += loss_sum.detach()
         return loss_total / trained
 
     def train_step(self, window: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimiser step over the micro-batches of ``window``; returns (loss, grad_norm) as tensors, so the
-        caller decides when to pay for a host sync."""
+        """One optimiser step over ``window``; returns (mean loss over all ranks, grad norm).
+
+        A NaN or infinite loss or gradient norm raises before the optimiser step, so no update (and no
+        checkpoint) ever contains it.
+        """
         config = self.config.train
         loss = self.compute_gradients(window)
+        if self.dist.enabled:
+            dist.all_reduce(loss)
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        for name, value in (("loss", loss), ("gradient norm", grad_norm)):
+            number = to_float(value)
+            if not math.isfinite(number):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(f"step {self.state.step + 1}: the {name} is {number}; stopping without "
+                                         "saving (lower train.lr, or check the data)")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
 
+    @torch.no_grad()
     def evaluate(self) -> dict | None:
-        if not self.validation_batches:
+        """Mean loss over every trained token of the validation rows (sharded over ranks) and its perplexity."""
+        if not self.data.validation:
             return None
-        return evaluate_loss(self.model, self.validation_batches, self.device, self.config.train.loss_chunk_size,
-                             self.bf16)
+        batches = make_batches(self.data.validation, self.config.train.batch_size, self.tokenizer.pad_token_id,
+                               rank=self.dist.rank, world_size=self.dist.world_size)
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens = 0
+        for batch in batches:
+            total += self.wrapped(move(batch, self.device)).double()
+            tokens += batch.global_trained
+        self.model.train()
+        if self.dist.enabled:
+            dist.all_reduce(total)
+        loss = float(total) / tokens
+        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 
     def train(self) -> dict:
-        config = self.config.train
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.run_dir else None, self.total_steps,
-                             self.show_progress)
-        step, tokens, start = 0, 0, time.perf_counter()
-        interval_tokens, interval_start = 0, start
-        epoch = 0
-        done = False
-        try:
-            while not done:
-                for window in optimizer_windows(self._epoch_batches(shuffle=True), config.grad_accum):
-                    # The rate this step trains with; after train_step the scheduler already shows the next one.
-                    lr = self.scheduler.get_last_lr()[0]
-                    loss, grad_norm = self.train_step(window)
-                    step += 1
-                    window_tokens = sum(batch.num_tokens for batch in window)
-                    tokens += window_tokens
-                    interval_tokens += window_tokens
-                    metrics.advance()
-                    if step % config.log_every == 0 or step == self.total_steps:
-                        now = time.perf_counter()
-                        record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr,
-                                  "grad_norm": grad_norm.item(), "tokens": tokens,
-                                  "tokens_per_s": interval_tokens / max(now - interval_start, 1e-9),
-                                  "elapsed_s": now - start}
-                        for name in ("loss", "grad_norm"):
-                            if not math.isfinite(record[name]):
-                                raise NonFiniteLossError(f"step {step}: {name} is {record[name]}; stopping without "
-                                                         "saving (lower train.lr or check the data)")
-                        interval_tokens, interval_start = 0, now
-                        self.history.append(record)
-                        metrics.log(record)
-                    if config.eval_every and step % config.eval_every == 0 and step != self.total_steps:
-                        result = self.evaluate()
-                        if result is not None:
-                            record = {"step": step, "val_loss": result["loss"], "val_perplexity": result["perplexity"]}
+        """Run until the planned steps are done, early stopping triggers, or a signal asks to stop."""
+        config, state = self.config, self.state
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.run_dir and self.dist.is_main else None,
+                             self.total_steps, self.show_progress if self.dist.is_main else False,
+                             echo=self.log, loggers=config.log.loggers if self.dist.is_main else [],
+                             run_dir=self.run_dir, project=config.log.project, config=config.to_dict())
+        metrics.start_at(state.step)
+        start = time.perf_counter() - state.elapsed_s
+        interval_tokens, interval_start = 0, time.perf_counter()
+        losses_since_eval: list[float] = []
+        stop_reason = None
+        with StopRequest() as stop:
+            try:
+                while stop_reason is None:
+                    if state.epoch_position == 0:
+                        state.epoch_generator_state = self.data_generator.get_state().tolist()
+                    batches = self._epoch_batches(shuffle=True)
+                    windows = list(optimizer_windows(range(len(batches)), config.train.grad_accum))
+                    for indices in windows[state.epoch_position:]:
+                        window = [batches[i] for i in indices]
+                        lr = self.scheduler.get_last_lr()[0]  # the rate this step trains with
+                        loss, grad_norm = self.train_step(window)
+                        state.step += 1
+                        state.epoch_position += 1
+                        step_tokens = sum(batch.global_tokens for batch in window)
+                        state.tokens += step_tokens
+                        interval_tokens += step_tokens
+                        losses_since_eval.append(to_float(loss))
+                        metrics.advance()
+                        if state.step % config.train.log_every == 0 or state.step == self.total_steps:
+                            now = time.perf_counter()
+                            record = {"step": state.step, "epoch": state.epoch, "loss": losses_since_eval[-1],
+                                      "lr": lr, "grad_norm": to_float(grad_norm), "tokens": state.tokens,
+                                      "tokens_per_s": interval_tokens / max(now - interval_start, 1e-9),
+                                      "elapsed_s": now - start}
+                            interval_tokens, interval_start = 0, now
                             self.history.append(record)
                             metrics.log(record)
-                    if step >= self.total_steps:
-                        done = True
-                        break
-                epoch += 1
-                if epoch >= config.epochs and not config.max_steps:
-                    done = True
-            summary = {"steps": step, "epochs": epoch, "tokens": tokens, "elapsed_s": time.perf_counter() - start,
-                       "train_loss": self.history[-1]["loss"] if self.history else None}
-            result = self.evaluate()
-            if result is not None:
-                summary.update(val_loss=result["loss"], val_perplexity=result["perplexity"])
-                metrics.log({"step": step, "val_loss": result["loss"], "val_perplexity": result["perplexity"]})
-        finally:
-            metrics.close()
+                        if config.eval.every and state.step % config.eval.every == 0:
+                            stop_reason = self._evaluate_and_track(metrics, losses_since_eval)
+                        if config.save.every and state.step % config.save.every == 0:
+                            self._checkpoint()
+                        if stop_reason is None and state.step >= self.total_steps:
+                            stop_reason = "completed" if not config.train.max_steps else "max_steps"
+                        if stop_reason is None and self._stop_requested(stop):
+                            stop_reason = "interrupted"
+                        if stop_reason is not None:
+                            break
+                    else:
+                        # The epoch ran to its end: evaluate (unless this step just did) and move on.
+                        state.epoch += 1
+                        state.epoch_position = 0
+                        evaluated = bool(state.evaluations) and state.evaluations[-1]["step"] == state.step
+                        if not evaluated:
+                            stop_reason = self._evaluate_and_track(metrics, losses_since_eval)
+                        if stop_reason is None and state.epoch >= config.train.epochs and not config.train.max_steps:
+                            stop_reason = "completed"
+                state.elapsed_s = time.perf_counter() - start
+                if stop_reason != "interrupted" and not (state.evaluations and state.evaluations[-1]["step"] == state.step):
+                    self._evaluate_and_track(metrics, losses_since_eval)
+                self._checkpoint()
+            finally:
+                metrics.close()
+        if stop_reason == "interrupted":
+            self.log(f"stopped by {stop.requested} at step {state.step}; checkpoint saved. Resume with: "
+                     f"tuneforge train CONFIG --resume")
+        return self._summary(stop_reason, stop.requested)
+
+    def _stop_requested(self, stop: StopRequest) -> bool:
+        """A signal on any rank stops every rank at the same step."""
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
+        if self.dist.enabled:
+            dist.all_reduce(flag)
+        return bool(flag.item())
+
+    def _evaluate_and_track(self, metrics: MetricsLog, losses_since_eval: list[float]) -> str | None:
+        """Evaluate, log, update the best checkpoint and the early-stopping state; returns a stop reason."""
+        result = self.evaluate()
+        if result is None:
+            return None
+        state = self.state
+        train_loss = sum(losses_since_eval) / len(losses_since_eval) if losses_since_eval else None
+        losses_since_eval.clear()
+        record = {"step": state.step, **result}
+        self.history.append(record)
+        metrics.log(record)
+        if record_evaluation(state, self.config.eval, result, train_loss):
+            self._checkpoint()  # keep the weights of every new best
+        start = overfitting_start(state.evaluations)
+        if start is not None and state.overfitting_from_step is None:
+            state.overfitting_from_step = start
+            self.log(f"warning: validation loss has risen while training loss fell since step {start}: the model "
+                     "is overfitting; fewer epochs or early stopping (eval.patience) would help")
+        if should_stop(state, self.config.eval):
+            self.log(f"early stopping at step {state.step}: no improvement of {self.config.eval.metric} for "
+                     f"{self.config.eval.patience} evaluations (best {state.best_metric:.4f} at step {state.best_step})")
+            return "early_stopping"
+        return None
+
+    def _checkpoint(self) -> None:
+        """Save a checkpoint of the current step (every rank joins: gathering sharded weights is collective)."""
+        if self.run_dir is None:
+            return
+        state = self.state
+        if (ckpt.checkpoint_dir(self.run_dir, state.step) / ckpt.COMPLETE).is_file():
+            return
+        weights = full_state(self.model, self.dist)
+        if self.dist.is_main:
+            ckpt.save_checkpoint(self.run_dir, state, self.model, self.optimizer, self.scheduler, self.config,
+                                 weights=weights)
+            ckpt.prune_checkpoints(self.run_dir, self.config.save.keep_last, state.best_step)
+        barrier(self.dist)
+
+    def _summary(self, stop_reason: str | None, signal_name: str | None) -> dict:
+        state = self.state
+        last_loss = next((r["loss"] for r in reversed(self.history) if "loss" in r), None)
+        summary = {"steps": state.step, "epochs": state.epoch, "tokens": state.tokens, "elapsed_s": state.elapsed_s,
+                   "stop_reason": stop_reason, "train_loss": last_loss,
+                   "best_step": state.best_step, "best_metric": state.best_metric, "metric": self.config.eval.metric,
+                   "overfitting_from_step": state.overfitting_from_step}
+        if signal_name:
+            summary["signal"] = signal_name
+        last_eval = state.evaluations[-1] if state.evaluations else None
+        if last_eval is not None:
+            summary.update(val_loss=last_eval["val_loss"], val_perplexity=last_eval["val_perplexity"])
         return summary
 
     # ------------------------------------------------------------------------------------------------ save
-    def save(self) -> Path | None:
+    def save(self, summary: dict | None = None) -> Path | None:
+        """Write the final model (the best checkpoint's weights when ``eval.final`` is ``best``), summary.json
+        and curves.png. Every rank calls it; only rank 0 writes."""
         if self.run_dir is None:
             return None
-        save_run(self.run_dir, self.config, self.model, self.tokenizer, self.template, self.config.lora.enabled)
+        state = self.state
+        final_step = state.step
+        if self.config.eval.final == "best" and state.best_step is not None and state.best_step != state.step:
+            best = ckpt.checkpoint_dir(self.run_dir, state.best_step)
+            from safetensors.torch import load_file
+
+            ckpt.load_trainable(self.model, load_file(str(best / "weights.safetensors")))
+            final_step = state.best_step
+        weights = full_state(self.model, self.dist, trainable_only=not self.config.lora.enabled) \
+            if self.dist.enabled and self.config.distributed.strategy == "fsdp" else None
+        if self.dist.is_main:
+            save_run(self.run_dir, self.config, self.model, self.tokenizer, self.template, self.config.lora.enabled,
+                     state_dict=weights)
+            if summary is not None:
+                summary = {**summary, "final_step": final_step, "run_dir": str(self.run_dir)}
+                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                plot_runs([self.run_dir], self.run_dir / "curves.png")
+        barrier(self.dist)
         return self.run_dir
 
 
-def run_sft(config: RunConfig, overwrite: bool = False, log=print) -> dict:
-    recipe = SFTRecipe(config, overwrite=overwrite, log=log)
+def run_sft(config: RunConfig, overwrite: bool = False, log=print, resume: bool | str = False,
+            force: bool = False) -> dict:
+    recipe = SFTRecipe(config, overwrite=overwrite, log=log, resume=resume, force=force)
     recipe.setup()
     summary = recipe.train()
-    run_dir = recipe.save()
-    summary["run_dir"] = str(run_dir)
+    if summary["stop_reason"] != "interrupted":
+        recipe.save(summary)
+    summary["run_dir"] = str(recipe.run_dir)
     return summary

@@ -1,0 +1,63 @@
+"""The data stage of a run: read and validate (no tokenizer needed), hold out validation rows, tokenise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tuneforge.config import RunConfig
+from tuneforge.data.dataset import DataReport, load_conversations, split_validation, tokenize_conversations
+from tuneforge.data.formats import Conversation
+from tuneforge.data.tokenize import Example
+
+
+@dataclass
+class ReadData:
+    """Validated conversations, before tokenisation; ``reports[1]`` (when present) belongs to ``validation``."""
+
+    train: list[Conversation]
+    validation: list[Conversation]
+    reports: list[DataReport]
+
+
+@dataclass
+class PreparedData:
+    """Tokenised train and validation examples with their reports."""
+
+    train: list[Example]
+    validation: list[Example]
+    reports: list[DataReport] = field(default_factory=list)
+
+
+def read_data(config: RunConfig) -> ReadData:
+    """Read and validate every row of the train (and validation) file, and hold out ``data.val_fraction``.
+
+    Needs no tokenizer, so bad data is reported before any model is resolved or loaded.
+    """
+    data = config.data
+    train_report = DataReport()
+    conversations = load_conversations(data.train, data, train_report)
+    if data.validation:
+        validation_report = DataReport()
+        validation = load_conversations(data.validation, data, validation_report)
+        return ReadData(conversations, validation, [train_report, validation_report])
+    if data.val_fraction > 0:
+        conversations, validation = split_validation(conversations, data.val_fraction, config.train.seed)
+        # Each report accounts for its own rows: rows = kept + dropped.
+        train_report.rows -= len(validation)
+        held_out = DataReport(path=f"{data.train} (held-out {data.val_fraction:g})", rows=len(validation))
+        return ReadData(conversations, validation, [train_report, held_out])
+    return ReadData(conversations, [], [train_report])
+
+
+def tokenize_data(read: ReadData, config: RunConfig, tokenizer, template) -> PreparedData:
+    """Tokenise the conversations of :func:`read_data` with ``template``, counting into its reports."""
+    train = tokenize_conversations(read.train, template, tokenizer, config.data, read.reports[0])
+    validation = []
+    if read.validation:
+        validation = tokenize_conversations(read.validation, template, tokenizer, config.data, read.reports[1])
+    return PreparedData(train, validation, read.reports)
+
+
+def prepare_data(config: RunConfig, tokenizer, template) -> PreparedData:
+    """Read, validate, split and tokenise the train (and validation) data."""
+    return tokenize_data(read_data(config), config, tokenizer, template)

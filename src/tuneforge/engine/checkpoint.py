@@ -1,0 +1,211 @@
+"""Crash-safe checkpoints for exact resume.
+
+A checkpoint is a folder ``RUN_DIR/checkpoints/step-NNNNNNNN`` holding:
+
+    weights.safetensors   trainable parameters (the adapter for LoRA, every parameter for full fine-tuning)
+    optimizer.pt          optimiser and scheduler state
+    rng.pt                torch, numpy and python RNG states
+    state.json            step, epoch, position in the epoch, data-order generator state, early-stopping state
+    config.yaml           the resolved config of the run
+    COMPLETE              written last
+
+Files are written into a hidden staging folder, flushed to disk, marked complete, then renamed into place: a
+checkpoint either exists whole or not at all, and a crash (or a full disk) while saving leaves the previous
+checkpoints untouched. Old checkpoints are removed only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from tuneforge.config import RunConfig, config_from_dict, save_config
+from tuneforge.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"
+PREFIX = "step-"
+
+# Config keys that change what a run trains: resuming with any of them changed is refused unless forced.
+RESUME_KEYS = ("model.name_or_path", "model.dtype", "data.train", "data.validation", "data.val_fraction",
+               "data.format", "data.template", "data.system_prompt", "data.max_length", "data.train_on_prompt",
+               "data.packing", "data.shuffle", "lora.enabled", "lora.r", "lora.alpha", "lora.target_modules",
+               "lora.use_rslora", "lora.use_dora", "lora.bias", "train.batch_size", "train.grad_accum", "train.seed")
+
+
+@dataclass
+class TrainState:
+    """Where a run is: everything besides weights and optimiser needed to continue exactly.
+
+    Attributes:
+        step: optimiser steps done.
+        epoch: current epoch (0-based).
+        epoch_position: optimiser steps done inside the current epoch.
+        epoch_generator_state: the data-order generator's state at the start of the current epoch, so the
+            epoch's order can be drawn again and the first ``epoch_position`` steps skipped.
+        tokens: tokens processed so far.
+        best_metric / best_step: best validation metric so far and the step it was reached.
+        evals_without_improvement: consecutive evaluations without improvement (early stopping).
+        evaluations: (step, validation metrics, mean training loss since the previous evaluation) history,
+            for the overfitting check.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    epoch_position: int = 0
+    epoch_generator_state: list = field(default_factory=list)
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    evaluations: list = field(default_factory=list)
+    overfitting_from_step: int | None = None
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"{PREFIX}{step:08d}"
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _fsync_tree(path: Path) -> None:
+    for item in path.iterdir():
+        with open(item, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def save_checkpoint(run_dir: Path, state: TrainState, model: torch.nn.Module, optimizer, scheduler,
+                    config: RunConfig, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a complete checkpoint of ``state`` (see module docstring); returns its folder."""
+    final = checkpoint_dir(run_dir, state.step)
+    staging = final.parent / f".staging-{final.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        save_file(weights if weights is not None else trainable_state(model), str(staging / "weights.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / "optimizer.pt")
+        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   staging / "rng.pt")
+        (staging / "state.json").write_text(json.dumps(asdict(state)))
+        save_config(config, staging / "config.yaml")
+        _fsync_tree(staging)
+        (staging / COMPLETE).write_text(str(state.step))
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    except BaseException:
+        # A failed save (disk full, interrupt) must not leave a folder that could pass for a checkpoint.
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(complete checkpoints by step, incomplete folders) of ``run_dir``."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return [], []
+    complete, partial = [], []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(PREFIX):
+            (complete if (path / COMPLETE).is_file() else partial).append(path)
+        elif path.name.startswith(".staging-"):
+            partial.append(path)
+    return complete, partial
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, best_step: int | None) -> None:
+    """Remove complete checkpoints beyond the newest ``keep_last``, never the best one."""
+    complete, _ = list_checkpoints(run_dir)
+    keep = set(complete[-keep_last:])
+    if best_step is not None:
+        keep.add(checkpoint_dir(run_dir, best_step))
+    for path in complete:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def find_resume_checkpoint(run_dir: Path, explicit: str | None, log=print) -> Path:
+    """The checkpoint to resume from: ``explicit`` if given, else the newest complete one of ``run_dir``.
+
+    Partial checkpoints are reported and never chosen; an empty or partial-only folder is an error, never a
+    silent fresh start.
+    """
+    if explicit:
+        path = Path(explicit)
+        if not path.is_dir():
+            raise UserError(f"checkpoint {path} does not exist")
+        if not (path / COMPLETE).is_file():
+            raise UserError(f"checkpoint {path} is incomplete (no {COMPLETE} marker): it was being written when the "
+                            "run stopped; resume from an earlier one")
+        return path
+    complete, partial = list_checkpoints(run_dir)
+    for path in partial:
+        log(f"ignoring incomplete checkpoint {path}")
+    if not complete:
+        extra = f" ({len(partial)} incomplete one(s) ignored)" if partial else ""
+        raise UserError(f"no complete checkpoint in {Path(run_dir) / CHECKPOINTS}{extra}; nothing to resume")
+    return complete[-1]
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(saved: RunConfig, current: RunConfig) -> list[str]:
+    """Keys of :data:`RESUME_KEYS` whose values differ, as ``key: saved -> current``."""
+    old, new = _flat(saved.to_dict()), _flat(current.to_dict())
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in RESUME_KEYS if old.get(key) != new.get(key)]
+
+
+def read_checkpoint_config(path: Path) -> RunConfig:
+    return config_from_dict(yaml.safe_load((Path(path) / "config.yaml").read_text()))
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> TrainState:
+    """Restore weights, optimiser, scheduler and RNG states from ``path``; returns its :class:`TrainState`."""
+    path = Path(path)
+    weights = load_file(str(path / "weights.safetensors"))
+    load_trainable(model, weights)
+    states = torch.load(path / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(states["optimizer"])
+    scheduler.load_state_dict(states["scheduler"])
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return TrainState(**json.loads((path / "state.json").read_text()))
+
+
+def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable parameters into ``model`` by name; every trainable parameter must be present."""
+    parameters = dict(model.named_parameters())
+    missing = [name for name, p in parameters.items() if p.requires_grad and name not in weights]
+    unknown = [name for name in weights if name not in parameters]
+    if missing or unknown:
+        raise UserError(f"checkpoint does not match the model: {len(missing)} missing and {len(unknown)} unknown "
+                        f"parameters (first: {(missing + unknown)[0]})")
+    with torch.no_grad():
+        for name, value in weights.items():
+            parameters[name].copy_(value)
