@@ -154,8 +154,10 @@ class SFTRecipe:
         if config.train.gradient_checkpointing:
             # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.
             lm = causal_lm(model)
-            enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+                lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Dropout lives in the adapters; the base model has none to switch on.
         model.train()
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
