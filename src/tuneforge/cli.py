@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from tuneforge.errors import USER_ERROR_EXIT_CODE, UserError
@@ -28,6 +29,8 @@ def _train(args) -> int:
         summary = run_sft(config, overwrite=args.overwrite, log=log, resume=args.resume or False, force=args.force)
     finally:
         shutdown_distributed()
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
+        return 0
     if summary.get("run_dir") and summary.get("stop_reason") != "interrupted":
         log(f"run directory: {summary['run_dir']} (summary.json, curves.png, metrics.jsonl)")
     print(json.dumps(summary))

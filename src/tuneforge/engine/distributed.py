@@ -55,7 +55,11 @@ def init_distributed(config: DistributedConfig) -> DistInfo:
 
 def shutdown_distributed() -> None:
     if dist.is_initialized():
-        dist.destroy_process_group()
+        # Leave together: a rank tearing down gloo while another still talks to it can abort at exit.
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 class LossModule(torch.nn.Module):

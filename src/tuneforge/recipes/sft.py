@@ -305,6 +305,9 @@ class SFTRecipe:
                         if stop_reason is None and self._stop_requested(stop):
                             stop_reason = "interrupted"
                         if stop_reason is not None:
+                            if state.epoch_position == len(windows):  # the epoch's last step ended the run
+                                state.epoch += 1
+                                state.epoch_position = 0
                             break
                     else:
                         # The epoch ran to its end: evaluate (unless this step just did) and move on.
