@@ -27,8 +27,10 @@ def _train(args) -> int:
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     try:
         summary = run_sft(config, overwrite=args.overwrite, log=log, resume=args.resume or False, force=args.force)
-    finally:
-        shutdown_distributed()
+    except BaseException:
+        shutdown_distributed(clean=False)
+        raise
+    shutdown_distributed()
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
         return 0
     if summary.get("run_dir") and summary.get("stop_reason") != "interrupted":

@@ -53,11 +53,13 @@ def init_distributed(config: DistributedConfig) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(clean: bool = True) -> None:
+    """Leave the process group. After a clean run the ranks leave together (a rank tearing down gloo while
+    another still talks to it can abort at exit); after an error, no barrier, which could wait forever."""
     if dist.is_initialized():
-        # Leave together: a rank tearing down gloo while another still talks to it can abort at exit.
         try:
-            dist.barrier()
+            if clean:
+                dist.barrier()
         finally:
             dist.destroy_process_group()
 
