@@ -51,7 +51,10 @@ def main(overrides: list[str]) -> int:
     for question, old, new in list(zip(questions, before.answers, after.answers))[:SHOWN]:
         print(f"Q: {question}\n  before: {old}\n  after:  {new}")
     print()
-    print(f"run directory: {summary['run_dir']} (adapter/, metrics.jsonl, config.yaml)")
+    run_dir = summary["run_dir"]
+    print(f"run directory: {run_dir} (adapter/, config.yaml, metrics.jsonl)")
+    print(f"training curves: {run_dir}/curves.png; summary: {run_dir}/summary.json "
+          f"(best step {summary['best_step']} of {summary['steps']}, stop reason {summary['stop_reason']})")
     print(f"demo finished in {time.perf_counter() - started:.0f} s; training {summary['elapsed_s']:.0f} s, "
           f"{summary['tokens']} tokens")
     if after.contains <= before.contains or after.loss >= before.loss:

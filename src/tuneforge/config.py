@@ -146,7 +146,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     log_every: int = 1
-    mixed_precision: Literal["auto", "bf16", "no"] = "no"
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     loss_chunk_size: int = 256
     gradient_checkpointing: bool = False
 
