@@ -148,6 +148,10 @@ def find_resume_checkpoint(run_dir: Path, explicit: str | None, log=print) -> Pa
         path = Path(explicit)
         if not path.is_dir():
             raise UserError(f"checkpoint {path} does not exist")
+        if not any((path / name).exists() for name in (COMPLETE, "state.json", "weights.safetensors")):
+            raise UserError(f"{path} is not a checkpoint (those are folders like RUN_DIR/{CHECKPOINTS}/"
+                            f"{PREFIX}00000100); to continue from the newest checkpoint of train.output_dir, pass "
+                            "--resume alone")
         if not (path / COMPLETE).is_file():
             raise UserError(f"checkpoint {path} is incomplete (no {COMPLETE} marker): it was being written when the "
                             "run stopped; resume from an earlier one")
@@ -187,8 +191,14 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) ->
     weights = load_file(str(path / "weights.safetensors"))
     load_trainable(model, weights)
     states = torch.load(path / "optimizer.pt", weights_only=False)
+    # The optimiser and scheduler states carry their hyperparameters (lr, betas, weight decay): loaded as they
+    # are, they would silently override a changed train.lr (a key resume allows) while the saved config claims
+    # the new value. Keep the moments and the step count from the checkpoint, the hyperparameters from the config.
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    base_lrs = list(getattr(scheduler, "base_lrs", []))
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
+    _restore_hyperparameters(optimizer, scheduler, configured, base_lrs)
     rng = torch.load(path / "rng.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
@@ -196,6 +206,23 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) ->
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return TrainState(**json.loads((path / "state.json").read_text()))
+
+
+def _restore_hyperparameters(optimizer, scheduler, configured: list[dict], base_lrs: list[float]) -> None:
+    """Put the current config's hyperparameters back after loading states saved under another config."""
+    if len(configured) != len(optimizer.param_groups):
+        return  # another grouping of parameters; load_state_dict would already have refused it
+    for group, values in zip(optimizer.param_groups, configured):
+        for key in ("betas", "weight_decay", "eps", "initial_lr"):
+            if key in values:
+                group[key] = values[key]
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if base_lrs and lambdas is not None and len(base_lrs) == len(lambdas) == len(optimizer.param_groups):
+        scheduler.base_lrs = base_lrs
+        rates = [base * fn(scheduler.last_epoch) for base, fn in zip(base_lrs, lambdas)]
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate
+        scheduler._last_lr = rates  # what get_last_lr() reports: the rate of the next step
 
 
 def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -206,6 +233,15 @@ def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> 
     if missing or unknown:
         raise UserError(f"checkpoint does not match the model: {len(missing)} missing and {len(unknown)} unknown "
                         f"parameters (first: {(missing + unknown)[0]})")
+    # A changed LoRA rank (resumed with --force) keeps every name but changes shapes; copy_ would fail with a
+    # bare size-mismatch traceback or, where shapes broadcast, silently fill the parameter with the wrong values.
+    mismatched = [name for name, value in weights.items() if tuple(value.shape) != tuple(parameters[name].shape)]
+    if mismatched:
+        name = mismatched[0]
+        raise UserError(f"checkpoint does not match the model: {len(mismatched)} parameters have another shape "
+                        f"(first: {name} has shape {tuple(weights[name].shape)} in the checkpoint, "
+                        f"{tuple(parameters[name].shape)} in the model); resume with the checkpoint's lora.r and "
+                        "target modules, or start a new run")
     with torch.no_grad():
         for name, value in weights.items():
             parameters[name].copy_(value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from tuneforge.config import EvalConfig
 from tuneforge.engine.checkpoint import TrainState
 
@@ -9,7 +11,8 @@ from tuneforge.engine.checkpoint import TrainState
 def record_evaluation(state: TrainState, config: EvalConfig, metrics: dict, train_loss: float | None) -> bool:
     """Update ``state`` with one evaluation; returns True when ``config.metric`` improved (a new best).
 
-    An improvement must beat the best by at least ``min_delta``; otherwise the patience counter grows.
+    An improvement must beat the best by more than ``min_delta``; otherwise the patience counter grows. A
+    non-finite value is never an improvement.
     """
     if config.metric not in metrics:
         from tuneforge.errors import ConfigError
@@ -19,7 +22,10 @@ def record_evaluation(state: TrainState, config: EvalConfig, metrics: dict, trai
     value = metrics[config.metric]
     state.evaluations.append({"step": state.step, **metrics, "train_loss": train_loss})
     minimise = config.minimise()
-    if state.best_metric is None:
+    if not math.isfinite(value):
+        # NaN compares false with everything: taken as the first best, nothing could ever beat it.
+        improved = False
+    elif state.best_metric is None:
         improved = True
     elif minimise:
         improved = value < state.best_metric - config.min_delta

@@ -35,17 +35,31 @@ class MetricsLog:
 
             self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
         self.sinks = [_open_logger(name, run_dir, project, config or {}) for name in loggers]
+        # Kinds of record (their key sets) already on file for the step a resumed run starts from.
+        self._resumed_step: int | None = None
+        self._logged_at_resume: set[frozenset] = set()
 
     def start_at(self, step: int) -> None:
-        """Resume: drop records after ``step`` (written after the checkpoint by the killed run) and move the bar."""
+        """Resume: drop records after ``step`` (written after the checkpoint by the killed run) and move the bar.
+
+        A record of ``step`` itself may also have been written after the checkpoint (the end-of-epoch evaluation
+        follows the step's checkpoint); the resumed run writes it again, so a record of ``step`` whose kind is
+        already on file is not written twice (see :meth:`log`). A last line cut short by the kill is dropped.
+        """
         if self.path is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = []
+            for record in _parse_lines(self.path):
+                if record.get("step", 0) <= step:
+                    kept.append(record)
+            self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+            self._resumed_step = step
+            self._logged_at_resume = {frozenset(r) for r in kept if r.get("step") == step}
         if self.bar is not None:
             self.bar.update(step)
 
     def log(self, record: dict) -> None:
+        if record.get("step") == self._resumed_step and frozenset(record) in self._logged_at_resume:
+            return  # already logged by the run that wrote the checkpoint (same weights, same values)
         if self.path is not None:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
@@ -114,5 +128,20 @@ def _open_logger(name: str, run_dir: Path | None, project: str, config: dict):
     raise UserError(f"log.loggers: unknown logger {name!r}")
 
 
+def _parse_lines(path: Path) -> list[dict]:
+    """The records of a metrics file; an unreadable *last* line (a write cut short by a crash or a full disk)
+    is skipped, an unreadable line elsewhere is an error."""
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for index, (number, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if index < len(lines) - 1:
+                raise UserError(f"{path}, line {number}: not a JSON record; is it a tuneforge metrics.jsonl?") \
+                    from None
+    return records
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return _parse_lines(Path(path))
