@@ -198,7 +198,7 @@ def test_resume_after_sigkill_continues_exactly(resume_setup, tmp_path, config_n
 
 
 @pytest.mark.parametrize("stop_step", [2, 3], ids=["mid-epoch", "last-step-of-epoch"])
-def test_sigterm_saves_a_checkpoint_and_resume_completes_the_run(resume_setup, tmp_path, stop_step, request):
+def test_sigterm_saves_a_checkpoint_and_resume_completes_the_run(resume_setup, tmp_path, stop_step):
     _, configs = resume_setup
     config, reference = configs["plain"]
     run_dir = tmp_path / "run"
@@ -212,10 +212,6 @@ def test_sigterm_saves_a_checkpoint_and_resume_completes_the_run(resume_setup, t
     assert train_losses(run_dir)[-1][0] == stop_step
 
     assert cli_main(["train", str(config), f"train.output_dir={run_dir}", "save.every=0", "--resume"]) == 0
-    if stop_step == STEPS_PER_EPOCH:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "sft.py: a stop on an epoch's last step moves to the next epoch without updating "
-            "epoch_generator_state, so the resumed epoch redraws the previous epoch's order")))
     assert_resumed_run_matches(run_dir, reference)
 
 
@@ -294,8 +290,6 @@ def test_explicit_checkpoint_resumes_from_that_step(qa_run):
     assert [s for s, _ in train_losses(run_dir)] == [1, 2, 3]
 
 
-@pytest.mark.xfail(strict=True, reason="sft.py setup: resuming an explicit checkpoint into another train.output_dir "
-                                       "never creates that folder; the first metrics write fails (FileNotFoundError)")
 def test_an_explicit_checkpoint_resumed_into_a_new_output_dir(qa_run, make_config, qa_file, tmp_path):
     _, run_dir = qa_run
     branch = tmp_path / "branch"
@@ -308,8 +302,6 @@ def test_an_explicit_checkpoint_resumed_into_a_new_output_dir(qa_run, make_confi
     assert [s for s, _ in train_losses(branch)] == [3, 4]
 
 
-@pytest.mark.xfail(strict=True, reason="sft.py _checkpoint skips any step whose checkpoint already exists, so a run "
-                                       "resumed from an older checkpoint keeps the previous run's later checkpoints")
 def test_resuming_an_older_checkpoint_with_another_lr_replaces_the_later_checkpoints(qa_run):
     make, run_dir = qa_run
     old = checkpoint_weights(ckpt.checkpoint_dir(run_dir, 3))
@@ -341,16 +333,12 @@ def test_a_changed_learning_rate_applies_after_resume(make_config, qa_file, tmp_
     assert all(s["step"] == 4 for s in recipe.optimizer.state.values())
 
 
-@pytest.mark.xfail(strict=True, reason="sft.py: the loop trains before checking state.step >= total_steps, so "
-                                       "resuming from the final checkpoint trains one step too many")
 def test_resuming_a_finished_run_trains_no_further(qa_run):
     make, run_dir = qa_run
     summary = run_sft(make(), log=quiet, resume=True)
     assert summary["steps"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason="sft.py sets state.elapsed_s only after the loop, so every checkpoint written "
-                                       "during training stores elapsed_s 0 and a resumed run restarts its clock")
 def test_checkpoints_record_the_elapsed_time(qa_run):
     _, run_dir = qa_run
     state = json.loads((ckpt.checkpoint_dir(run_dir, 1) / "state.json").read_text())

@@ -222,7 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also come after flags (train CONFIG --overwrite lora.r=8).
+    stray = [item for item in extra if "=" not in item or item.startswith("-")]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides.extend(extra)
+    if isinstance(getattr(args, "resume", None), str) and "=" in args.resume:
+        # `--resume key=value` would take the override as the checkpoint path.
+        args.overrides.append(args.resume)
+        args.resume = True
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -138,6 +138,18 @@ def prune_checkpoints(run_dir: Path, keep_last: int, best_step: int | None) -> N
             shutil.rmtree(path, ignore_errors=True)
 
 
+def set_aside_later_checkpoints(run_dir: Path, step: int) -> list[Path]:
+    """Rename checkpoints later than ``step`` to ``superseded-step-N`` (kept, but never chosen for resume)."""
+    moved = []
+    for path in list_checkpoints(run_dir)[0]:
+        if int(path.name[len(PREFIX):]) > step:
+            target = path.with_name(f"superseded-{path.name}")
+            shutil.rmtree(target, ignore_errors=True)
+            path.rename(target)
+            moved.append(target)
+    return moved
+
+
 def find_resume_checkpoint(run_dir: Path, explicit: str | None, log=print) -> Path:
     """The checkpoint to resume from: ``explicit`` if given, else the newest complete one of ``run_dir``.
 

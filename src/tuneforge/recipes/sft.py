@@ -78,6 +78,9 @@ class SFTRecipe:
         self.run_dir: Path | None = None
         self.history: list[dict] = []
         self.state = ckpt.TrainState()
+        self._saved_steps: set[int] = set()  # checkpoints this process wrote (not those of an earlier run)
+        self._clock_start = time.perf_counter()
+        self._losses_since_eval: list[float] = []
         self._log = log
 
     def log(self, message: str) -> None:
@@ -90,6 +93,7 @@ class SFTRecipe:
         self.dist = init_distributed(config.distributed)
         output = Path(config.train.output_dir)
         resume_from = None
+        branching = False  # resuming from another run's checkpoint into a new run directory
         if self.resume:
             resume_from = ckpt.find_resume_checkpoint(output, self.resume if isinstance(self.resume, str) else None,
                                                       self.log)
@@ -97,7 +101,8 @@ class SFTRecipe:
             if differences and not self.force:
                 raise UserError(f"the config differs from the one of {resume_from} in what is trained: "
                                 + "; ".join(differences) + ". Resume with the same config, or pass --force")
-        elif self.write_run_dir:
+            branching = resume_from.parent.resolve() != (output / ckpt.CHECKPOINTS).resolve()
+        if self.write_run_dir and (resume_from is None or branching):
             check_run_dir(output, self.overwrite)  # fail in a second, before data and model are loaded
         seed_everything(config.train.seed)
         # Data first: every row is validated before the model is even looked up.
@@ -126,8 +131,13 @@ class SFTRecipe:
             self.log(f"resumed from {resume_from} at step {self.state.step} (epoch {self.state.epoch}, "
                      f"step {self.state.epoch_position} of it)")
         if self.write_run_dir:
-            if resume_from is not None:
+            if resume_from is not None and not branching:
                 self.run_dir = output
+                if self.dist.is_main:
+                    # Checkpoints after the one resumed belong to an abandoned continuation: set them aside so
+                    # neither a later --resume nor eval.final=best picks them up.
+                    for path in ckpt.set_aside_later_checkpoints(output, self.state.step):
+                        self.log(f"set aside {path.name}: it is later than the checkpoint resumed")
             elif self.dist.is_main:
                 self.run_dir = prepare_run_dir(output, self.overwrite)
                 # The resolved config goes in first: it documents the run while it trains, and it marks the
@@ -265,69 +275,78 @@ class SFTRecipe:
                              echo=self.log, loggers=config.log.loggers if self.dist.is_main else [],
                              run_dir=self.run_dir, project=config.log.project, config=config.to_dict())
         metrics.start_at(state.step)
-        start = time.perf_counter() - state.elapsed_s
-        interval_tokens, interval_start = 0, time.perf_counter()
-        losses_since_eval: list[float] = []
-        stop_reason = None
+        self._clock_start = time.perf_counter() - state.elapsed_s
         with StopRequest() as stop:
             try:
+                # A run resumed from its final checkpoint has nothing left to train.
+                stop_reason = self._planned_end() if state.step >= self.total_steps else None
                 while stop_reason is None:
-                    if state.epoch_position == 0:
-                        state.epoch_generator_state = self.data_generator.get_state().tolist()
-                    batches = self._epoch_batches(shuffle=True)
-                    windows = list(optimizer_windows(range(len(batches)), config.train.grad_accum))
-                    for indices in windows[state.epoch_position:]:
-                        window = [batches[i] for i in indices]
-                        lr = self.scheduler.get_last_lr()[0]  # the rate this step trains with
-                        loss, grad_norm = self.train_step(window)
-                        state.step += 1
-                        state.epoch_position += 1
-                        step_tokens = sum(batch.global_tokens for batch in window)
-                        state.tokens += step_tokens
-                        interval_tokens += step_tokens
-                        losses_since_eval.append(to_float(loss))
-                        metrics.advance()
-                        if state.step % config.train.log_every == 0 or state.step == self.total_steps:
-                            now = time.perf_counter()
-                            record = {"step": state.step, "epoch": state.epoch, "loss": losses_since_eval[-1],
-                                      "lr": lr, "grad_norm": to_float(grad_norm), "tokens": state.tokens,
-                                      "tokens_per_s": interval_tokens / max(now - interval_start, 1e-9),
-                                      "elapsed_s": now - start}
-                            interval_tokens, interval_start = 0, now
-                            self.history.append(record)
-                            metrics.log(record)
-                        if config.eval.every and state.step % config.eval.every == 0:
-                            stop_reason = self._evaluate_and_track(metrics, losses_since_eval)
-                        if config.save.every and state.step % config.save.every == 0:
-                            self._checkpoint()
-                        if stop_reason is None and state.step >= self.total_steps:
-                            stop_reason = "completed" if not config.train.max_steps else "max_steps"
-                        if stop_reason is None and self._stop_requested(stop):
-                            stop_reason = "interrupted"
-                        if stop_reason is not None:
-                            if state.epoch_position == len(windows):  # the epoch's last step ended the run
-                                state.epoch += 1
-                                state.epoch_position = 0
-                            break
-                    else:
-                        # The epoch ran to its end: evaluate (unless this step just did) and move on.
-                        state.epoch += 1
-                        state.epoch_position = 0
-                        evaluated = bool(state.evaluations) and state.evaluations[-1]["step"] == state.step
-                        if not evaluated:
-                            stop_reason = self._evaluate_and_track(metrics, losses_since_eval)
-                        if stop_reason is None and state.epoch >= config.train.epochs and not config.train.max_steps:
-                            stop_reason = "completed"
-                state.elapsed_s = time.perf_counter() - start
-                if stop_reason != "interrupted" and not (state.evaluations and state.evaluations[-1]["step"] == state.step):
-                    self._evaluate_and_track(metrics, losses_since_eval)
+                    stop_reason = self._train_epoch(metrics, stop)
+                if stop_reason != "interrupted" and not self._evaluated_at_this_step():
+                    self._evaluate_and_track(metrics)
                 self._checkpoint()
+                state.elapsed_s = time.perf_counter() - self._clock_start
             finally:
                 metrics.close()
         if stop_reason == "interrupted":
             self.log(f"stopped by {stop.requested} at step {state.step}; checkpoint saved. Resume with: "
                      f"tuneforge train CONFIG --resume")
         return self._summary(stop_reason, stop.requested)
+
+    def _train_epoch(self, metrics: MetricsLog, stop: StopRequest) -> str | None:
+        """Train the rest of the current epoch; returns why the run stops, or None to go on with the next."""
+        config, state = self.config, self.state
+        if state.epoch_position == 0:
+            state.epoch_generator_state = self.data_generator.get_state().tolist()
+        batches = self._epoch_batches(shuffle=True)  # draws this epoch's order from the generator
+        windows = list(optimizer_windows(range(len(batches)), config.train.grad_accum))
+        interval_tokens, interval_start = 0, time.perf_counter()
+        for indices in windows[state.epoch_position:]:
+            window = [batches[i] for i in indices]
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step trains with
+            loss, grad_norm = self.train_step(window)
+            state.step += 1
+            state.epoch_position += 1
+            step_tokens = sum(batch.global_tokens for batch in window)
+            state.tokens += step_tokens
+            interval_tokens += step_tokens
+            self._losses_since_eval.append(to_float(loss))
+            metrics.advance()
+            if state.step % config.train.log_every == 0 or state.step == self.total_steps:
+                now = time.perf_counter()
+                record = {"step": state.step, "epoch": state.epoch, "loss": self._losses_since_eval[-1], "lr": lr,
+                          "grad_norm": to_float(grad_norm), "tokens": state.tokens,
+                          "tokens_per_s": interval_tokens / max(now - interval_start, 1e-9),
+                          "elapsed_s": now - self._clock_start}
+                interval_tokens, interval_start = 0, now
+                self.history.append(record)
+                metrics.log(record)
+            epoch_done = state.epoch_position == len(windows)
+            if epoch_done:
+                # The generator has drawn this epoch's order: its state now is where the next epoch starts.
+                state.epoch += 1
+                state.epoch_position = 0
+                state.epoch_generator_state = self.data_generator.get_state().tolist()
+            reason = None
+            if epoch_done or (config.eval.every and state.step % config.eval.every == 0):
+                reason = self._evaluate_and_track(metrics)
+            if config.save.every and state.step % config.save.every == 0:
+                self._checkpoint()
+            if reason is None and (state.step >= self.total_steps
+                                   or (epoch_done and not config.train.max_steps
+                                       and state.epoch >= config.train.epochs)):
+                reason = self._planned_end()
+            if reason is None and self._stop_requested(stop):
+                reason = "interrupted"
+            if reason is not None:
+                return reason
+        return None
+
+    def _planned_end(self) -> str:
+        return "max_steps" if self.config.train.max_steps else "completed"
+
+    def _evaluated_at_this_step(self) -> bool:
+        return bool(self.state.evaluations) and self.state.evaluations[-1]["step"] == self.state.step
 
     def _stop_requested(self, stop: StopRequest) -> bool:
         """A signal on any rank stops every rank at the same step."""
@@ -336,14 +355,15 @@ class SFTRecipe:
             dist.all_reduce(flag)
         return bool(flag.item())
 
-    def _evaluate_and_track(self, metrics: MetricsLog, losses_since_eval: list[float]) -> str | None:
+    def _evaluate_and_track(self, metrics: MetricsLog) -> str | None:
         """Evaluate, log, update the best checkpoint and the early-stopping state; returns a stop reason."""
         result = self.evaluate()
         if result is None:
             return None
         state = self.state
-        train_loss = sum(losses_since_eval) / len(losses_since_eval) if losses_since_eval else None
-        losses_since_eval.clear()
+        losses = self._losses_since_eval
+        train_loss = sum(losses) / len(losses) if losses else None
+        losses.clear()
         record = {"step": state.step, **result}
         self.history.append(record)
         metrics.log(record)
@@ -365,13 +385,15 @@ class SFTRecipe:
         if self.run_dir is None:
             return
         state = self.state
-        if (ckpt.checkpoint_dir(self.run_dir, state.step) / ckpt.COMPLETE).is_file():
+        if state.step in self._saved_steps:
             return
+        state.elapsed_s = time.perf_counter() - self._clock_start
         weights = full_state(self.model, self.dist)
         if self.dist.is_main:
             ckpt.save_checkpoint(self.run_dir, state, self.model, self.optimizer, self.scheduler, self.config,
                                  weights=weights)
             ckpt.prune_checkpoints(self.run_dir, self.config.save.keep_last, state.best_step)
+        self._saved_steps.add(state.step)
         barrier(self.dist)
 
     def _summary(self, stop_reason: str | None, signal_name: str | None) -> dict:
