@@ -87,15 +87,20 @@ def _fsync_tree(path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, state: TrainState, model: torch.nn.Module, optimizer, scheduler,
-                    config: RunConfig, weights: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write a complete checkpoint of ``state`` (see module docstring); returns its folder."""
+                    config: RunConfig, weights: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict | None = None) -> Path:
+    """Write a complete checkpoint of ``state`` (see module docstring); returns its folder.
+
+    ``weights`` and ``optimizer_state`` supply full (gathered) states when the model is sharded across ranks.
+    """
     final = checkpoint_dir(run_dir, state.step)
     staging = final.parent / f".staging-{final.name}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         save_file(weights if weights is not None else trainable_state(model), str(staging / "weights.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / "optimizer.pt")
+        optimizer_state = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, staging / "optimizer.pt")
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                    staging / "rng.pt")
@@ -197,18 +202,22 @@ def read_checkpoint_config(path: Path) -> RunConfig:
     return config_from_dict(yaml.safe_load((Path(path) / "config.yaml").read_text()))
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> TrainState:
-    """Restore weights, optimiser, scheduler and RNG states from ``path``; returns its :class:`TrainState`."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, load_weights=None,
+                    load_optimizer=None) -> TrainState:
+    """Restore weights, optimiser, scheduler and RNG states from ``path``; returns its :class:`TrainState`.
+
+    ``load_weights(weights)`` and ``load_optimizer(state)`` replace the plain loaders for sharded models.
+    """
     path = Path(path)
     weights = load_file(str(path / "weights.safetensors"))
-    load_trainable(model, weights)
+    (load_weights or (lambda w: load_trainable(model, w)))(weights)
     states = torch.load(path / "optimizer.pt", weights_only=False)
     # The optimiser and scheduler states carry their hyperparameters (lr, betas, weight decay): loaded as they
     # are, they would silently override a changed train.lr (a key resume allows) while the saved config claims
     # the new value. Keep the moments and the step count from the checkpoint, the hyperparameters from the config.
     configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     base_lrs = list(getattr(scheduler, "base_lrs", []))
-    optimizer.load_state_dict(states["optimizer"])
+    (load_optimizer or optimizer.load_state_dict)(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
     _restore_hyperparameters(optimizer, scheduler, configured, base_lrs)
     rng = torch.load(path / "rng.pt", weights_only=False)

@@ -136,3 +136,30 @@ def to_float(value: torch.Tensor) -> float:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def is_sharded(info: DistInfo, config: DistributedConfig) -> bool:
+    return info.enabled and config.strategy == "fsdp"
+
+
+def gather_optimizer_state(wrapped: torch.nn.Module, optimizer) -> dict:
+    """The full optimiser state of a sharded model, on rank 0 (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(wrapped, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_sharded_weights(wrapped: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load full trainable weights (names of the inner model) into a sharded model; each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(wrapped, {f"model.{name}": value for name, value in weights.items()},
+                         options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def load_sharded_optimizer(wrapped: torch.nn.Module, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(wrapped, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))

@@ -25,7 +25,9 @@ from tuneforge.data.dataset import EpochBatches, make_batches
 from tuneforge.data.prepare import read_data, tokenize_data
 from tuneforge.data.templates import load_template
 from tuneforge.engine import checkpoint as ckpt
-from tuneforge.engine.distributed import (barrier, full_state, init_distributed, no_sync, to_float, wrap_model)
+from tuneforge.engine.distributed import (barrier, full_state, gather_optimizer_state, init_distributed, is_sharded,
+                                          load_sharded_optimizer, load_sharded_weights, no_sync, to_float,
+                                          wrap_model)
 from tuneforge.engine.early_stopping import overfitting_start, record_evaluation, should_stop
 from tuneforge.engine.metrics import MetricsLog
 from tuneforge.engine.optim import build_optimizer, build_scheduler
@@ -126,7 +128,11 @@ class SFTRecipe:
         self.optimizer = build_optimizer(self.model, config.train)
         self.scheduler = build_scheduler(self.optimizer, config.train, self.total_steps)
         if resume_from is not None:
-            self.state = ckpt.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler)
+            sharded = {}
+            if is_sharded(self.dist, config.distributed):
+                sharded = {"load_weights": self._load_weights,
+                           "load_optimizer": lambda state: load_sharded_optimizer(self.wrapped, self.optimizer, state)}
+            self.state = ckpt.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler, **sharded)
             self.data_generator.set_state(torch.tensor(self.state.epoch_generator_state, dtype=torch.uint8))
             self.log(f"resumed from {resume_from} at step {self.state.step} (epoch {self.state.epoch}, "
                      f"step {self.state.epoch_position} of it)")
@@ -177,6 +183,12 @@ class SFTRecipe:
         self.log(f"model {config.model.name_or_path}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M "
                  f"trainable ({mode}), device {self.device}{', bf16 autocast' if self.bf16 else ''}{ranks}")
         return model
+
+    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        if is_sharded(self.dist, self.config.distributed):
+            load_sharded_weights(self.wrapped, weights)
+        else:
+            ckpt.load_trainable(self.model, weights)
 
     def _loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         with autocast(self.device, self.bf16):
@@ -389,9 +401,12 @@ class SFTRecipe:
             return
         state.elapsed_s = time.perf_counter() - self._clock_start
         weights = full_state(self.model, self.dist)
+        optimizer_state = None
+        if is_sharded(self.dist, self.config.distributed):
+            optimizer_state = gather_optimizer_state(self.wrapped, self.optimizer)
         if self.dist.is_main:
             ckpt.save_checkpoint(self.run_dir, state, self.model, self.optimizer, self.scheduler, self.config,
-                                 weights=weights)
+                                 weights=weights, optimizer_state=optimizer_state)
             ckpt.prune_checkpoints(self.run_dir, self.config.save.keep_last, state.best_step)
         self._saved_steps.add(state.step)
         barrier(self.dist)
@@ -422,10 +437,10 @@ class SFTRecipe:
             best = ckpt.checkpoint_dir(self.run_dir, state.best_step)
             from safetensors.torch import load_file
 
-            ckpt.load_trainable(self.model, load_file(str(best / "weights.safetensors")))
+            self._load_weights(load_file(str(best / "weights.safetensors")))
             final_step = state.best_step
         weights = full_state(self.model, self.dist, trainable_only=not self.config.lora.enabled) \
-            if self.dist.enabled and self.config.distributed.strategy == "fsdp" else None
+            if is_sharded(self.dist, self.config.distributed) else None
         if self.dist.is_main:
             save_run(self.run_dir, self.config, self.model, self.tokenizer, self.template, self.config.lora.enabled,
                      state_dict=weights)
