@@ -13,10 +13,12 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -156,7 +158,36 @@ def resolve_model(spec: str) -> ModelSource:
                                f"run directory (no {RUN_MARKER})")
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelSourceError(f"model {spec!r} not found (expected a folder, a .gguf file, or a hub id)")
+    if not _in_hub_cache(spec) and not hub_reachable():
+        # Fail in a second rather than after transformers' minute of retries.
+        raise ModelSourceError(_hub_message(spec))
     return ModelSource(spec, tokenizer=spec)
+
+
+def _hub_message(spec: str) -> str:
+    return (f"cannot load {spec!r} from the Hugging Face hub (no network or unknown id). Download it where the "
+            "hub is reachable (huggingface-cli download) and pass the local folder, or pass a .gguf file.")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub library rejects is not in the cache either
+        return False
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers a TCP connection within ``timeout`` seconds (False when offline mode is set)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _from_pretrained(loader, name: str, **kwargs):
@@ -169,9 +200,7 @@ def _from_pretrained(loader, name: str, **kwargs):
     except OSError as exc:
         if Path(name).exists():
             raise ModelSourceError(f"cannot load {name}: {exc}") from None
-        raise ModelSourceError(
-            f"cannot load {name!r} from the Hugging Face hub (no network or unknown id). Download it where the "
-            "hub is reachable (huggingface-cli download) and pass the local folder, or pass a .gguf file.") from None
+        raise ModelSourceError(_hub_message(name)) from None
 
 
 def load_tokenizer(source: ModelSource):
