@@ -138,6 +138,13 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def reshard(wrapped: torch.nn.Module) -> None:
+    """Return FSDP2 parameters to their sharded form. The root stays unsharded after a forward with no backward
+    (an evaluation), and its registered parameters are then not the ones the optimiser holds."""
+    if hasattr(wrapped, "reshard"):
+        wrapped.reshard()
+
+
 def is_sharded(info: DistInfo, config: DistributedConfig) -> bool:
     return info.enabled and config.strategy == "fsdp"
 

@@ -26,8 +26,8 @@ from tuneforge.data.prepare import read_data, tokenize_data
 from tuneforge.data.templates import load_template
 from tuneforge.engine import checkpoint as ckpt
 from tuneforge.engine.distributed import (barrier, full_state, gather_optimizer_state, init_distributed, is_sharded,
-                                          load_sharded_optimizer, load_sharded_weights, no_sync, to_float,
-                                          wrap_model)
+                                          load_sharded_optimizer, load_sharded_weights, no_sync, reshard,
+                                          to_float, wrap_model)
 from tuneforge.engine.early_stopping import overfitting_start, record_evaluation, should_stop
 from tuneforge.engine.metrics import MetricsLog
 from tuneforge.engine.optim import build_optimizer, build_scheduler
@@ -274,6 +274,7 @@ class SFTRecipe:
             total += self.wrapped(move(batch, self.device)).double()
             tokens += batch.global_trained
         self.model.train()
+        reshard(self.wrapped)
         if self.dist.enabled:
             dist.all_reduce(total)
         loss = float(total) / tokens
