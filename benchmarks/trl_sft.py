@@ -24,6 +24,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--no-gradient-checkpointing", action="store_true",
+                        help="turn off the activation checkpointing SFTConfig enables by default")
     args = parser.parse_args()
 
     import trl
@@ -62,7 +64,8 @@ def main() -> None:
                        max_length=args.max_length, max_steps=args.steps + 1, learning_rate=1e-4,
                        logging_steps=1000, save_strategy="no", report_to=[], bf16=False, fp16=False,
                        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, seed=0,
-                       completion_only_loss=True, packing=False)
+                       completion_only_loss=True, packing=False,
+                       gradient_checkpointing=not args.no_gradient_checkpointing)
     peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.05,
                              target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
@@ -81,6 +84,7 @@ def main() -> None:
     tokens = sum(collator_tokens[1:1 + args.steps])
     print(json.dumps({
         "framework": f"trl {trl.__version__}", "model": args.model, "batch_size": args.batch_size,
+        "gradient_checkpointing": not args.no_gradient_checkpointing,
         "max_length": args.max_length, "steps": args.steps, "lora_r": args.lora_r,
         "tokens_per_s": round(tokens / timer.elapsed, 2), "step_time_s": round(timer.elapsed / args.steps, 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -39,7 +39,9 @@ PREFIX = "step-"
 RESUME_KEYS = ("model.name_or_path", "model.dtype", "data.train", "data.validation", "data.val_fraction",
                "data.format", "data.template", "data.system_prompt", "data.max_length", "data.train_on_prompt",
                "data.packing", "data.shuffle", "lora.enabled", "lora.r", "lora.alpha", "lora.target_modules",
-               "lora.use_rslora", "lora.use_dora", "lora.bias", "train.batch_size", "train.grad_accum", "train.seed")
+               "lora.use_rslora", "lora.use_dora", "lora.bias", "train.batch_size", "train.grad_accum", "train.seed",
+               # FSDP checkpoints store the optimiser state by parameter name, DDP and single-process ones by index.
+               "distributed.strategy")
 
 
 @dataclass
