@@ -141,11 +141,13 @@ def test_gradient_invariant_to_batch_size_and_accumulation(make_config, varied_f
     assert relative_difference(naive, grads_8x1) > 1e-2
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_gradient_checkpointing_gives_the_same_gradients(make_config, varied_file, lora):
+@pytest.mark.parametrize("lora, dropout", [(True, 0.0), (True, 0.1), (False, 0.0)],
+                         ids=["lora", "lora-dropout", "full"])
+def test_gradient_checkpointing_gives_the_same_gradients(make_config, varied_file, lora, dropout):
+    # With dropout, the recomputed forward must replay the same adapter dropout masks.
     results = []
     for checkpointing in (False, True):
-        recipe = make_recipe(make_config(varied_file, lora={"enabled": lora},
+        recipe = make_recipe(make_config(varied_file, lora={"enabled": lora, "dropout": dropout},
                                          train={"batch_size": 8, "gradient_checkpointing": checkpointing}))
         # The option must really switch checkpointing on, or this test would compare a run with itself.
         assert any(getattr(m, "gradient_checkpointing", False) for m in recipe.model.modules()) == checkpointing
