@@ -18,10 +18,9 @@ MODEL_HELP = ("a model: 'default' (embedded SmolLM2-135M-Instruct), a Hugging Fa
 
 def _train(args) -> int:
     from tuneforge.config import load_config
-    from tuneforge.recipes.sft import run_sft
-
     from tuneforge.engine.distributed import shutdown_distributed
     from tuneforge.engine.signals import EXIT_CODES
+    from tuneforge.recipes.sft import run_sft
 
     config = load_config(args.config, args.overrides)
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
