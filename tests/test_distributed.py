@@ -99,3 +99,18 @@ def test_two_rank_resume_continues_exactly(tiny_model_dir, qa_file, tmp_path, st
     reference, resumed = _weights(whole, lora), _weights(branch, lora)
     for name, value in reference.items():
         torch.testing.assert_close(resumed[name], value, rtol=1e-6, atol=1e-6)
+
+
+def test_resume_with_another_number_of_processes_is_refused(make_config, qa_file, monkeypatch):
+    """The global batch is batch_size x grad_accum x world size: a checkpoint of 1 process must not silently
+    continue on 2 (checked before any model or process group is touched)."""
+    from tuneforge.engine.distributed import DistInfo
+    from tuneforge.errors import UserError
+    from tuneforge.recipes import sft
+
+    config = make_config(qa_file, train={"max_steps": 2}, save={"every": 1})
+    sft.run_sft(config, log=lambda m: None)
+    monkeypatch.setattr(sft, "init_distributed", lambda cfg: DistInfo(rank=0, world_size=2))
+    with pytest.raises(UserError, match="trained with 1 process.* this run has 2"):
+        sft.run_sft(make_config(qa_file, train={"max_steps": 3}, save={"every": 1}), log=lambda m: None,
+                    resume=True)

@@ -72,6 +72,8 @@ class TrainState:
     evals_without_improvement: int = 0
     evaluations: list = field(default_factory=list)
     overfitting_from_step: int | None = None
+    # Processes the run trained with: the global batch is batch_size x grad_accum x world_size.
+    world_size: int = 1
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -202,6 +204,11 @@ def config_differences(saved: RunConfig, current: RunConfig) -> list[str]:
 
 def read_checkpoint_config(path: Path) -> RunConfig:
     return config_from_dict(yaml.safe_load((Path(path) / "config.yaml").read_text()))
+
+
+def read_checkpoint_state(path: Path) -> TrainState:
+    """The :class:`TrainState` of a checkpoint, without touching weights (cheap: for checks before loading)."""
+    return TrainState(**json.loads((Path(path) / "state.json").read_text()))
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, load_weights=None,

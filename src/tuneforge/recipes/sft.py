@@ -104,6 +104,11 @@ class SFTRecipe:
             if differences and not self.force:
                 raise UserError(f"the config differs from the one of {resume_from} in what is trained: "
                                 + "; ".join(differences) + ". Resume with the same config, or pass --force")
+            saved_world = ckpt.read_checkpoint_state(resume_from).world_size
+            if saved_world != self.dist.world_size and not self.force:
+                raise UserError(f"{resume_from} was trained with {saved_world} process(es) and this run has "
+                                f"{self.dist.world_size}: the global batch would change. Resume with the same "
+                                "number of processes, or pass --force")
             branching = resume_from.parent.resolve() != (output / ckpt.CHECKPOINTS).resolve()
         if self.write_run_dir and (resume_from is None or branching):
             check_run_dir(output, self.overwrite)  # fail in a second, before data and model are loaded
@@ -123,6 +128,7 @@ class SFTRecipe:
         self.model = self._build_model(source)
         self.wrapped = wrap_model(self.model, self._loss_sum, self.dist, config.distributed)
 
+        self.state.world_size = self.dist.world_size
         # The data order is owned by this generator, seeded from the run's seed (the same on every rank).
         self.data_generator = torch.Generator().manual_seed(config.train.seed)
         self.total_steps = config.train.max_steps or self._planned_steps()
@@ -135,6 +141,7 @@ class SFTRecipe:
                            "load_optimizer": lambda state: load_sharded_optimizer(self.wrapped, self.optimizer, state)}
             self.state = ckpt.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler, **sharded)
             self.data_generator.set_state(torch.tensor(self.state.epoch_generator_state, dtype=torch.uint8))
+            self.state.world_size = self.dist.world_size
             self.log(f"resumed from {resume_from} at step {self.state.step} (epoch {self.state.epoch}, "
                      f"step {self.state.epoch_position} of it)")
         if self.write_run_dir:
