@@ -136,6 +136,24 @@ def _bench(args) -> int:
     return 0
 
 
+def _estimate(args) -> int:
+    from tuneforge.models.memory import estimate, format_estimate, resolve_shape
+
+    shape = resolve_shape(args.model)
+    result = estimate(shape, method=args.method, seq_len=args.seq_len, batch=args.batch, lora_r=args.lora_r,
+                      grad_checkpointing=args.grad_checkpointing, optimizer=args.optimizer,
+                      world_size=args.world_size, fsdp=args.fsdp, dtype=args.dtype,
+                      activations_gb=args.activations_gb, loss_chunk=args.loss_chunk_size)
+    if args.json:
+        print(json.dumps({"model": shape.name, "method": args.method, **result.as_dict()}))
+    else:
+        strategy = f"FSDP x{args.world_size}" if args.fsdp else f"DDP x{args.world_size}" if args.world_size > 1 \
+            else "1 process"
+        print(format_estimate(shape, result, f"{shape.name}, {args.method}, {args.dtype}, {args.optimizer}, "
+                                             f"seq {args.seq_len} x batch {args.batch}, {strategy}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tuneforge.config import describe_options
 
@@ -216,6 +234,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--gradient-checkpointing", action="store_true",
                        help="recompute activations in backward (TRL's SFTConfig default)")
     bench.set_defaults(func=_bench)
+
+    est = verbs.add_parser("estimate", help="memory breakdown of a training run, from the model config only",
+                           description="Weights, gradients, optimiser states, activations, logits and adapters "
+                                       "from the model's config.json; nothing is downloaded or allocated. "
+                                       "Formulas: docs/memory.md.")
+    est.add_argument("--model", default="default",
+                     help="a config.json, a Hugging Face model folder, 'default' (SmolLM2-135M) or a built-in "
+                          "name (llama-7b, llama-2-13b, llama-3-8b, mistral-7b, smollm2-135m, smollm2-360m)")
+    est.add_argument("--method", default="lora", choices=["full", "lora", "qlora"])
+    est.add_argument("--seq-len", type=int, default=512)
+    est.add_argument("--batch", type=int, default=1, help="micro-batch size per process")
+    est.add_argument("--lora-r", type=int, default=16)
+    est.add_argument("--grad-checkpointing", action="store_true")
+    est.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "sgd"])
+    est.add_argument("--world-size", type=int, default=1)
+    est.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimiser states")
+    est.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    est.add_argument("--activations-gb", type=float, help="use this activation figure instead of the formula")
+    est.add_argument("--loss-chunk-size", type=int, default=256, help="train.loss_chunk_size (default 256)")
+    est.add_argument("--json", action="store_true", help="print one JSON object (bytes) instead of a table")
+    est.set_defaults(func=_estimate)
     return parser
 
 
@@ -240,3 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
+
+
+def entry() -> None:
+    """Console entry point (``tuneforge`` and ``python -m tuneforge``)."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun the work is done and the process group is gone, but gloo/c10d background threads can
+        # still abort the interpreter's teardown ("terminate called without an active exception"), turning a
+        # finished run into a failed one. Leave without running destructors, after flushing what was printed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)

@@ -1,0 +1,253 @@
+"""``tuneforge estimate``: a memory breakdown of a training run, from the model's config alone.
+
+Nothing is downloaded and no weight is allocated: parameter counts come from the config's shapes (Llama-style
+decoders: Llama, SmolLM2, Mistral, Qwen2-like), and every byte figure is a formula documented here and in
+``docs/memory.md``. Sizes are in bytes; the CLI prints GB with 1 GB = 1e9 bytes.
+
+Parameters (h hidden, L layers, a heads, k kv heads, d head_dim, I intermediate, V vocab):
+    embeddings  V·h
+    per layer   attention h·a·d (q) + 2·h·k·d (k, v; grouped-query attention) + a·d·h (o)
+                MLP 3·h·I (gate, up, down), norms 2·h
+    final norm  h;  output head V·h unless tied to the embeddings
+
+Activations per layer and token, in elements (what autograd keeps for backward in one Llama layer):
+    7·h + 2·k·d + 4·I
+(norm inputs and outputs 4h, q and the attention output 2h plus its reshaped copy h, k and v 2kd, MLP gate,
+silu, up and product 4I). This is the Llama form of Korthikanti et al. 2022, "Reducing Activation Recomputation
+in Large Transformer Models", whose GPT estimate is s·b·h·(34 + 5·a·s/h) bytes in 16-bit: no dropout masks,
+a SwiGLU MLP of width I instead of a GELU MLP of 4h. Attention without a fused kernel (``math`` SDPA, eager)
+also keeps the a·s scores per token (the 5·a·s/h term); flash / memory-efficient SDPA does not, which is the
+default here. LoRA dropout keeps one extra copy of each adapted layer's input. Under gradient checkpointing a
+layer keeps only its input (h per token) and one layer at a time holds its full activations during recompute.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tuneforge.errors import UserError
+
+GB = 1e9  # decimal gigabytes, the convention of the printed breakdown
+
+# NF4 (QLoRA, Dettmers et al. 2023): 4 bits per weight plus an 8-bit absmax per block of 64, itself quantised
+# with one fp32 constant per 256 blocks ("double quantisation"): 8/64 + 32/(64·256) = 0.127 bits per parameter.
+NF4_BITS = 4.0
+NF4_BLOCK = 64
+NF4_SECOND_BLOCK = 256
+NF4_BYTES_PER_PARAM = (NF4_BITS + 8 / NF4_BLOCK + 32 / (NF4_BLOCK * NF4_SECOND_BLOCK)) / 8
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Optimiser state bytes per trained parameter: AdamW keeps two fp32 moments; bitsandbytes' 8-bit Adam keeps
+# two 1-byte moments (its per-block scales are < 1%); plain SGD (no momentum) keeps none.
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "sgd": 0}
+ADAPTER_BYTES = 4  # PEFT keeps adapter weights in fp32 even over a 16-bit base (autocast_adapter_dtype)
+DEFAULT_LOSS_CHUNK = 256  # train.loss_chunk_size's default
+
+ACTIVATIONS_DOC = "per layer and token: 7h + 2·kv·head_dim + 4·intermediate elements (docs/memory.md)"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The shapes of a Llama-style decoder that memory depends on."""
+
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    head_dim: int | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @property
+    def dim(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+
+# A few well-known configs, so an estimate needs no file. Values are those of the models' config.json.
+KNOWN_MODELS = {
+    "smollm2-135m": ModelShape("smollm2-135m", 576, 30, 9, 3, 1536, 49152, True),
+    "smollm2-360m": ModelShape("smollm2-360m", 960, 32, 15, 5, 2560, 49152, True),
+    "llama-7b": ModelShape("llama-7b", 4096, 32, 32, 32, 11008, 32000, False),
+    "llama-2-7b": ModelShape("llama-2-7b", 4096, 32, 32, 32, 11008, 32000, False),
+    "llama-2-13b": ModelShape("llama-2-13b", 5120, 40, 40, 40, 13824, 32000, False),
+    "llama-3-8b": ModelShape("llama-3-8b", 4096, 32, 32, 8, 14336, 128256, False),
+    "mistral-7b": ModelShape("mistral-7b", 4096, 32, 32, 8, 14336, 32000, False),
+}
+
+
+def shape_from_config(config: dict, name: str) -> ModelShape:
+    """A ``ModelShape`` from a parsed config.json (transformers' config class fills in the defaults)."""
+    from transformers import AutoConfig
+
+    fields = dict(config)
+    model_type = fields.pop("model_type", None)
+    if not model_type:
+        raise UserError(f"{name}: config.json has no model_type; estimate needs a Hugging Face model config")
+    try:
+        cfg = AutoConfig.for_model(model_type, **fields)
+    except ValueError as error:
+        raise UserError(f"{name}: transformers does not know model_type '{model_type}' ({error})") from None
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    try:
+        heads = cfg.num_attention_heads
+        return ModelShape(
+            name=name, hidden=cfg.hidden_size, layers=cfg.num_hidden_layers, heads=heads,
+            kv_heads=getattr(cfg, "num_key_value_heads", None) or heads, intermediate=cfg.intermediate_size,
+            vocab=cfg.vocab_size, tied=bool(getattr(cfg, "tie_word_embeddings", True)),
+            head_dim=getattr(cfg, "head_dim", None), attention_bias=bool(getattr(cfg, "attention_bias", False)),
+            mlp_bias=bool(getattr(cfg, "mlp_bias", False)))
+    except AttributeError as error:
+        raise UserError(f"{name}: not a Llama-style decoder config ({error})") from None
+
+
+def resolve_shape(spec: str) -> ModelShape:
+    """``spec``: a config.json path, a model folder, ``default`` or a name of ``KNOWN_MODELS``."""
+    if spec == "default":
+        from tuneforge.models.loading import DEFAULT_MODEL_NAME, cache_dir
+
+        cached = cache_dir() / "models" / DEFAULT_MODEL_NAME / "config.json"
+        if cached.is_file():
+            return shape_from_config(json.loads(cached.read_text()), DEFAULT_MODEL_NAME)
+        return KNOWN_MODELS["smollm2-135m"]
+    if spec.lower() in KNOWN_MODELS:
+        return KNOWN_MODELS[spec.lower()]
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise UserError(f"{spec} is a folder without config.json; point --model at a Hugging Face model folder "
+                            "or a config.json file")
+    elif not path.is_file():
+        raise UserError(f"unknown model '{spec}': not a file or folder, and not one of the built-in names "
+                        f"({', '.join(sorted(KNOWN_MODELS))}, default)")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: cannot read it as a JSON config ({error})") from None
+    return shape_from_config(config, str(spec))
+
+
+def _linears(shape: ModelShape) -> list[tuple[str, int, int]]:
+    """(name, in_features, out_features) of the linear layers of one decoder layer."""
+    h, d, i = shape.hidden, shape.dim, shape.intermediate
+    return [("q_proj", h, shape.heads * d), ("k_proj", h, shape.kv_heads * d), ("v_proj", h, shape.kv_heads * d),
+            ("o_proj", shape.heads * d, h), ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]
+
+
+def parameter_counts(shape: ModelShape) -> dict[str, int]:
+    """Parameters by part; ``total`` equals ``sum(p.numel() for p in model.parameters())`` (tied counted once)."""
+    linears = _linears(shape)
+    attention = sum(n_in * n_out + (n_out if shape.attention_bias else 0) for _, n_in, n_out in linears[:4])
+    mlp = sum(n_in * n_out + (n_out if shape.mlp_bias else 0) for _, n_in, n_out in linears[4:])
+    counts = {
+        "embeddings": shape.vocab * shape.hidden,
+        "attention": shape.layers * attention,
+        "mlp": shape.layers * mlp,
+        "norms": shape.layers * 2 * shape.hidden + shape.hidden,
+        "output_head": 0 if shape.tied else shape.vocab * shape.hidden,
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def lora_parameters(shape: ModelShape, r: int) -> int:
+    """LoRA A (r × in) and B (out × r) on every linear layer but the output head (``all-linear``)."""
+    return shape.layers * sum(r * (n_in + n_out) for _, n_in, n_out in _linears(shape))
+
+
+@dataclass
+class Estimate:
+    """Bytes by term; ``total`` is their sum (an upper bound on the peak: all terms coexist in backward)."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    adapters: float
+    total: float
+    parameters: int
+    trained_parameters: int
+    notes: list[str]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def activation_bytes(shape: ModelShape, seq_len: int, batch: int, dtype: str = "float32",
+                     grad_checkpointing: bool = False, flash: bool = True, lora_dropout: bool = False) -> float:
+    """Activations kept for backward by the decoder layers (formula in the module docstring)."""
+    tokens, h = seq_len * batch, shape.hidden
+    per_token = 7 * h + 2 * shape.kv_heads * shape.dim + 4 * shape.intermediate
+    if not flash:
+        per_token += shape.heads * seq_len  # the (heads, s, s) softmax output, per token
+    if lora_dropout:  # the dropped-out copy of each adapted layer's input
+        per_token += sum(n_in for _, n_in, _ in _linears(shape))
+    unit = DTYPE_BYTES[dtype]
+    layer = tokens * per_token * unit
+    final_norm = 2 * tokens * h * unit
+    if grad_checkpointing:
+        return shape.layers * tokens * h * unit + layer + final_norm
+    return shape.layers * layer + final_norm
+
+
+def estimate(shape: ModelShape, method: str = "full", seq_len: int = 512, batch: int = 1, lora_r: int = 16,
+             grad_checkpointing: bool = False, optimizer: str = "adamw", world_size: int = 1, fsdp: bool = False,
+             dtype: str = "float32", activations_gb: float | None = None, loss_chunk: int = DEFAULT_LOSS_CHUNK,
+             lora_dropout: bool = True, flash: bool = True) -> Estimate:
+    """Memory of one training process (one GPU under DDP/FSDP).
+
+    Args:
+        method: ``full``, ``lora`` or ``qlora`` (NF4 base with double quantisation, 16-bit embeddings and norms).
+        dtype: weight and activation dtype of the base model.
+        world_size, fsdp: FSDP shards weights, gradients and optimiser states by ``world_size``; DDP
+            (``fsdp=False``) keeps a full copy on every process.
+        activations_gb: replace the activation formula by this figure (GB).
+        loss_chunk: ``train.loss_chunk_size``: the head and loss run on this many tokens at a time.
+    """
+    counts = parameter_counts(shape)
+    n = counts["total"]
+    wbytes = DTYPE_BYTES[dtype]
+    shard = world_size if fsdp else 1
+    notes = []
+    if method == "qlora":
+        quantised = counts["attention"] + counts["mlp"]
+        weights = quantised * NF4_BYTES_PER_PARAM + (n - quantised) * 2
+        notes.append(f"qlora: linear layers NF4 at {NF4_BYTES_PER_PARAM:.4f} bytes/param, the rest 16-bit")
+    else:
+        weights = n * wbytes
+    trained = n if method == "full" else lora_parameters(shape, lora_r)
+    if method == "full":
+        gradients, optim, adapters = n * wbytes, n * OPTIMIZER_BYTES[optimizer], 0.0
+    else:
+        gradients = optim = 0.0
+        adapters = trained * (2 * ADAPTER_BYTES + OPTIMIZER_BYTES[optimizer])
+    if activations_gb is not None:
+        activations = activations_gb * GB
+        notes.append("activations: given by --activations-gb")
+    else:
+        activations = activation_bytes(shape, seq_len, batch, "bfloat16" if method == "qlora" else dtype,
+                                       grad_checkpointing, flash, lora_dropout and method != "full")
+        notes.append("activations: " + ACTIVATIONS_DOC)
+    # The head runs on loss_chunk tokens at a time: fp32 logits plus their softmax / gradient (x2).
+    logits = min(loss_chunk, seq_len * batch) * shape.vocab * 4 * 2
+    weights, gradients, optim, adapters = (x / shard for x in (weights, gradients, optim, adapters))
+    total = weights + gradients + optim + activations + logits + adapters
+    return Estimate(weights, gradients, optim, activations, logits, adapters, total, n, trained, notes)
+
+
+def format_estimate(shape: ModelShape, result: Estimate, header: str) -> str:
+    """The human-readable breakdown printed by ``tuneforge estimate``."""
+    lines = [header, f"parameters: {result.parameters:,} (trained: {result.trained_parameters:,})"]
+    for key in ("weights", "gradients", "optimizer", "activations", "logits", "adapters"):
+        lines.append(f"  {key:<12} {getattr(result, key) / GB:9.3f} GB")
+    lines.append(f"  {'total':<12} {result.total / GB:9.3f} GB   (1 GB = 1e9 bytes; add ~0.4 GB for the "
+                 "Python/torch process on CPU)")
+    lines += [f"note: {note}" for note in result.notes]
+    return "\n".join(lines)
