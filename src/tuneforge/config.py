@@ -37,11 +37,22 @@ class ModelConfig:
             file, a tuneforge run directory, or a hub id.
         dtype: weight dtype: ``float32``, ``bfloat16`` or ``float16``.
         attn_implementation: attention kernel passed to transformers (``sdpa`` or ``eager``).
+        load_in: quantise the base model's linear layers while loading, through bitsandbytes: ``none``,
+            ``4bit`` (QLoRA) or ``8bit`` (LLM.int8). A quantized base is frozen, so it needs ``lora.enabled``;
+            the output head and embeddings stay in ``dtype``. Needs ``pip install 'tuneforge[qlora]'``.
+        quant_type: 4-bit data type: ``nf4`` (NormalFloat, the QLoRA paper's choice) or ``fp4``.
+        double_quant: 4-bit only: quantise the per-block scales too (about 0.4 bits per weight saved).
+        compute_dtype: dtype the 4-bit weights are dequantised to for each matmul (``float32`` is the safe
+            choice on CPU; ``bfloat16`` is the usual one on a GPU).
     """
 
     name_or_path: str = DEFAULT_MODEL
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    load_in: Literal["none", "4bit", "8bit"] = "none"
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 @dataclass
@@ -350,6 +361,7 @@ def _check_ranges(config: RunConfig) -> None:
             bounds = f"at least {low}" if high is None else f"between {low} and {high}"
             raise ConfigError(f"{key}: {value!r} is out of range; it must be {bounds}")
     _check_template(config.data.template)
+    _check_quantization(config)
     target = config.lora.target_modules
     if not (target == "all-linear" or (isinstance(target, list) and all(isinstance(t, str) for t in target))):
         raise ConfigError(f"lora.target_modules: expected 'all-linear' or a list of module names, got {target!r}")
@@ -362,6 +374,18 @@ def _check_ranges(config: RunConfig) -> None:
     for name in config.log.loggers:
         if name not in known_loggers:
             raise ConfigError(f"log.loggers: unknown logger {name!r}; use any of {', '.join(known_loggers)}")
+
+
+def _check_quantization(config: RunConfig) -> None:
+    if config.model.load_in == "none":
+        return
+    if not config.lora.enabled:
+        # bitsandbytes weights are integer codes with no gradient: only adapters on top of them can train.
+        raise ConfigError(f"model.load_in: a {config.model.load_in} base cannot be fully fine-tuned; set "
+                          "lora.enabled=true (QLoRA) or model.load_in=none")
+    if config.distributed.strategy == "fsdp":
+        raise ConfigError(f"model.load_in: a {config.model.load_in} base is not supported with "
+                          "distributed.strategy=fsdp; use ddp (every rank holds the whole quantized model)")
 
 
 def _is_template_path(spec: str) -> bool:

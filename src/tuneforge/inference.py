@@ -24,7 +24,8 @@ class Generator:
 
     @classmethod
     def load(cls, spec: str, template: str | None = None, dtype: str = "float32") -> "Generator":
-        """``spec`` is anything a model argument accepts; a run directory brings its own template."""
+        """``spec`` is anything a model argument accepts; a run directory brings its own template, and a QLoRA run
+        its quantized base (loaded the way it was trained, so generation matches training)."""
         source = resolve_model(spec)
         tokenizer = load_tokenizer(source)
         if template is None and source.run is not None:
@@ -32,7 +33,10 @@ class Generator:
         else:
             chosen = load_template(template or "auto", tokenizer)
         device = pick_device()
-        model = load_model(source, dtype).to(device).eval()
+        model = load_model(source, dtype, device=device)
+        if source.quantization is None:  # a quantized model was placed on the device while loading
+            model = model.to(device)
+        model.eval()
         return cls(model, tokenizer, chosen, device)
 
     def stop_ids(self) -> list[int]:

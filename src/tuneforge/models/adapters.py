@@ -27,6 +27,25 @@ def add_lora(model: torch.nn.Module, config: LoraConfig) -> torch.nn.Module:
         return get_peft_model(model, peft_config)
 
 
+def prepare_quantized(model: torch.nn.Module, gradient_checkpointing: bool) -> torch.nn.Module:
+    """Ready a bitsandbytes-quantized base for adapter training with PEFT's ``prepare_model_for_kbit_training``.
+
+    It freezes every parameter and casts float16/bfloat16 ones (norms, embeddings, head) to float32 for stable
+    training; the 4-bit and 8-bit weights stay as they are. An adapter already loaded on top (continuing a
+    QLoRA run) keeps its trainable flag. Checkpointing is non-reentrant, so frozen inputs need no special hook.
+    """
+    from peft import prepare_model_for_kbit_training
+
+    trainable = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        prepare_model_for_kbit_training(causal_lm(model), use_gradient_checkpointing=gradient_checkpointing,
+                                        gradient_checkpointing_kwargs={"use_reentrant": False})
+    for param in trainable:
+        param.requires_grad_(True)
+    return model
+
+
 def is_peft(model: torch.nn.Module) -> bool:
     from peft import PeftModel
 

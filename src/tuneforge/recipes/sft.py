@@ -9,6 +9,7 @@ loss and gradient norm are finite, clip, step, schedule, log; evaluate, checkpoi
 from __future__ import annotations
 
 import json
+import dataclasses
 import math
 import random
 import time
@@ -36,9 +37,9 @@ from tuneforge.engine.rundir import check_run_dir, prepare_run_dir, save_run
 from tuneforge.engine.signals import StopRequest
 from tuneforge.engine.step import autocast, bf16_autocast_enabled, lm_loss_sum, move
 from tuneforge.errors import UserError
-from tuneforge.models.adapters import add_lora, causal_lm
+from tuneforge.models.adapters import add_lora, causal_lm, prepare_quantized
 from tuneforge.models.dropout import use_fast_dropout
-from tuneforge.models.loading import load_model, load_tokenizer, resolve_model
+from tuneforge.models.loading import Quantization, load_model, load_tokenizer, resolve_model
 
 
 class NonFiniteLossError(UserError):
@@ -165,8 +166,14 @@ class SFTRecipe:
 
     def _build_model(self, source) -> torch.nn.Module:
         config = self.config
+        # The config, not a run the model starts from, decides the quantization of the base being trained.
+        quantization = Quantization.from_model_config(config.model)
+        source = dataclasses.replace(source, quantization=quantization)
         model = load_model(source, config.model.dtype, config.model.attn_implementation,
-                           trainable_adapter=config.lora.enabled)
+                           trainable_adapter=config.lora.enabled, device=self.device)
+        if quantization is not None:
+            # Before the adapters: freezes the base, upcasts norms and embeddings to float32 (PEFT's QLoRA recipe).
+            model = prepare_quantized(model, config.train.gradient_checkpointing)
         if source.adapter is not None and not config.lora.enabled:
             # Full fine-tuning from a LoRA run: fold the adapter into the weights, then train all of them.
             model = model.merge_and_unload()
@@ -189,6 +196,8 @@ class SFTRecipe:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         mode = f"LoRA r={config.lora.r}" if config.lora.enabled else "full fine-tuning"
+        if quantization is not None:
+            mode = f"QLoRA r={config.lora.r}, base {quantization.describe()}"
         ranks = f", {self.dist.world_size} processes ({config.distributed.strategy})" if self.dist.enabled else ""
         self.log(f"model {config.model.name_or_path}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M "
                  f"trainable ({mode}), device {self.device}{', bf16 autocast' if self.bf16 else ''}{ranks}")
