@@ -24,6 +24,7 @@ layer keeps only its input (h per token) and one layer at a time holds its full 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -251,3 +252,12 @@ def format_estimate(shape: ModelShape, result: Estimate, header: str) -> str:
                  "Python/torch process on CPU)")
     lines += [f"note: {note}" for note in result.notes]
     return "\n".join(lines)
+
+
+def device_memory_bytes(device) -> float:
+    """Total memory of ``device``: the GPU's, or the machine's physical RAM on CPU."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))

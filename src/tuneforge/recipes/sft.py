@@ -39,6 +39,8 @@ from tuneforge.engine.step import autocast, bf16_autocast_enabled, lm_loss_sum, 
 from tuneforge.errors import UserError
 from tuneforge.models.adapters import add_lora, causal_lm, prepare_quantized
 from tuneforge.models.dropout import use_fast_dropout
+from tuneforge.models.memory import GB, device_memory_bytes, shape_from_config
+from tuneforge.models.memory import estimate as estimate_memory
 from tuneforge.models.loading import Quantization, load_model, load_tokenizer, resolve_model
 
 
@@ -125,6 +127,7 @@ class SFTRecipe:
                 self.log(line)
 
         self.device = self.dist.device
+        self._log_memory_estimate(source)
         self.bf16 = bf16_autocast_enabled(config.train.mixed_precision, self.device)
         self.model = self._build_model(source)
         self.wrapped = wrap_model(self.model, self._loss_sum, self.dist, config.distributed)
@@ -202,6 +205,33 @@ class SFTRecipe:
         self.log(f"model {config.model.name_or_path}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M "
                  f"trainable ({mode}), device {self.device}{', bf16 autocast' if self.bf16 else ''}{ranks}")
         return model
+
+    def _log_memory_estimate(self, source) -> None:
+        """Print `tuneforge estimate`'s figure for this run before loading the model, and warn when it exceeds
+        the device's memory (RAM on CPU). Skipped when the model's config.json is not on disk (a hub id)."""
+        config = self.config
+        config_file = Path(source.base) / "config.json"
+        if not config_file.is_file():
+            return
+        shape = shape_from_config(json.loads(config_file.read_text()), config.model.name_or_path)
+        method = "full" if not config.lora.enabled else "qlora" if config.model.load_in == "4bit" else "lora"
+        longest = max(len(example.input_ids) for example in self.data.train)
+        if config.data.packing:
+            longest = config.data.max_length
+        result = estimate_memory(shape, method, seq_len=longest, batch=config.train.batch_size, lora_r=config.lora.r,
+                                 grad_checkpointing=config.train.gradient_checkpointing,
+                                 world_size=self.dist.world_size, fsdp=config.distributed.strategy == "fsdp",
+                                 dtype=config.model.dtype, loss_chunk=config.train.loss_chunk_size,
+                                 lora_dropout=config.lora.dropout > 0)
+        available = device_memory_bytes(self.device)
+        self.log(f"memory estimate ({method}, longest batch {config.train.batch_size} x {longest} tokens): "
+                 f"{result.total / GB:.2f} GB per process (weights {result.weights / GB:.2f}, activations "
+                 f"{result.activations / GB:.2f}, optimiser {(result.optimizer + result.adapters) / GB:.2f}); "
+                 f"device has {available / GB:.1f} GB")
+        if result.total > available:
+            self.log(f"warning: the estimate ({result.total / GB:.1f} GB) exceeds the {available / GB:.1f} GB of "
+                     f"{self.device}; consider train.gradient_checkpointing, a smaller train.batch_size or "
+                     "data.max_length, LoRA, or model.load_in=4bit (see tuneforge estimate)")
 
     def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         if is_sharded(self.dist, self.config.distributed):
