@@ -126,6 +126,14 @@ def _merge(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from tuneforge.models.export import export_gguf
+
+    out = export_gguf(args.model, args.out_file, dtype=args.dtype)
+    print(f"exported {args.model} to {out} ({args.format}, {args.dtype})")
+    return 0
+
+
 def _bench(args) -> int:
     from tuneforge.bench import run_bench
 
@@ -216,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("out_dir", help="new folder for the merged model")
     merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     merge.set_defaults(func=_merge)
+
+    export = verbs.add_parser("export", help="write a model or run (LoRA merged) as one file for other runtimes",
+                              description="Write weights, tokenizer and chat template as one GGUF file "
+                                          "(Llama models with a byte-level BPE tokenizer).")
+    export.add_argument("model", help="a run directory, a Hugging Face folder or hub id, or a .gguf file")
+    export.add_argument("--format", required=True, choices=["gguf"], help="output format")
+    export.add_argument("out_file", help="new file to write (never overwritten)")
+    export.add_argument("--dtype", default="f16", choices=["f32", "f16"],
+                        help="storage type of the weight matrices (default f16; f32 is exact)")
+    export.set_defaults(func=_export)
 
     bench = verbs.add_parser("bench", help="time a short fixed training workload; prints one JSON line",
                              description="Throughput (tokens/s, padding excluded), peak memory and model FLOPs "
