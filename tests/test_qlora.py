@@ -174,3 +174,23 @@ def test_qlora_with_gradient_checkpointing_trains(make_config, qa_file):
     config = make_config(qa_file, model=QLORA, train={"max_steps": 2, "gradient_checkpointing": True})
     summary = run_sft(config, log=quiet)
     assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["train_loss"]))
+
+
+@pytest.mark.parametrize("name, cls", [("adamw8bit", "AdamW8bit"), ("paged_adamw8bit", "PagedAdamW8bit")])
+def test_eight_bit_optimizers_train_with_uint8_states(make_config, qa_file, name, cls):
+    """train.optimizer picks bitsandbytes' 8-bit AdamW: its moments are stored as uint8 for large tensors."""
+    from tuneforge.recipes.sft import SFTRecipe
+
+    pytest.importorskip("bitsandbytes")
+    recipe = SFTRecipe(make_config(qa_file, lora={"enabled": False}, train={"max_steps": 2, "optimizer": name,
+                                                                            "lr": 1e-3}),
+                       log=lambda m: None, show_progress=False, run_dir=False)
+    recipe.setup()
+    assert type(recipe.optimizer).__name__ == cls
+    before = {n: p.detach().clone() for n, p in recipe.model.named_parameters()}
+    summary = recipe.train()
+    assert summary["steps"] == 2
+    states = [s for s in recipe.optimizer.state.values() if "state1" in s]
+    assert any(s["state1"].dtype == torch.uint8 for s in states)  # the embedding (49152 x 64) is large enough
+    moved = max((p.detach() - before[n]).abs().max().item() for n, p in recipe.model.named_parameters())
+    assert moved > 1e-5

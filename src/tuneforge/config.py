@@ -129,6 +129,8 @@ class TrainConfig:
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay (not applied to biases and norms).
         betas: AdamW betas.
+        optimizer: ``adamw`` (torch), or through bitsandbytes ``adamw8bit`` (8-bit states), ``paged_adamw8bit`` or
+            ``paged_adamw`` (states paged to host memory on CUDA; plain states on CPU).
         scheduler: ``constant``, ``linear`` or ``cosine`` decay after warmup.
         warmup_ratio: fraction of the steps spent in linear warmup (``warmup_steps`` wins when set).
         warmup_steps: warmup length in steps.
@@ -151,6 +153,7 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw"] = "adamw"
     scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_ratio: float = 0.03
     warmup_steps: Optional[int] = None

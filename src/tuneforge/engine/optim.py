@@ -3,23 +3,41 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from tuneforge.config import TrainConfig
+from tuneforge.errors import UserError
+
+
+# bitsandbytes optimisers by train.optimizer name: 8-bit states (2 bytes/param instead of 8) and, on CUDA, paged
+# states that spill to host memory instead of failing on a memory spike.
+BNB_OPTIMIZERS = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit", "paged_adamw": "PagedAdamW"}
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; biases and norm weights (1-D) get no weight decay."""
+    """AdamW (``train.optimizer``) over trainable parameters; biases and norm weights (1-D) get no weight decay."""
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
             (decay if parameter.ndim >= 2 else no_decay).append(parameter)
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if config.optimizer in BNB_OPTIMIZERS:
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise UserError(f"train.optimizer={config.optimizer} needs bitsandbytes: pip install 'tuneforge[qlora]'"
+                            ) from None
+        cls = getattr(bitsandbytes.optim, BNB_OPTIMIZERS[config.optimizer])
+        with warnings.catch_warnings():
+            # On CPU, bitsandbytes notes that paging falls back to plain states; the run is still correct.
+            warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+            return cls(groups, lr=config.lr, betas=tuple(config.betas))
     # foreach is the fast multi-tensor path on CPU and GPU.
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=tuple(config.betas),
-                             foreach=True)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), foreach=True)
 
 
 def warmup_steps(config: TrainConfig, total_steps: int) -> int:
