@@ -78,14 +78,15 @@ def lora_parameters(model: torch.nn.Module) -> int:
 
 def run_bench(method: str = "sft", model: str = "default", data: str | None = None, batch_size: int = 4,
               max_length: int = 256, steps: int = 5, lora_r: int = 16, dtype: str = "float32",
-              packing: bool = False, full: bool = False, gradient_checkpointing: bool = False) -> dict:
+              packing: bool = False, full: bool = False, gradient_checkpointing: bool = False,
+              load_in: str = "none") -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         if data is None:
             data = str(Path(scratch) / "bench.jsonl")
             Path(data).write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows()))
         config = config_from_dict({
             "method": method,
-            "model": {"name_or_path": model, "dtype": "float32"},
+            "model": {"name_or_path": model, "dtype": "float32", "load_in": load_in},
             "data": {"train": data, "max_length": max_length, "packing": packing, "shuffle": False},
             "lora": {"enabled": not full, "r": lora_r, "alpha": 2 * lora_r},
             "train": {"output_dir": str(Path(scratch) / "run"), "batch_size": batch_size, "epochs": 1000,
@@ -127,7 +128,7 @@ def run_bench(method: str = "sft", model: str = "default", data: str | None = No
         result = {
             "method": method, "model": model, "dtype": dtype, "mode": "full" if full else f"lora-r{lora_r}",
             "batch_size": batch_size, "max_length": max_length, "packing": packing, "steps": steps,
-            "gradient_checkpointing": gradient_checkpointing,
+            "gradient_checkpointing": gradient_checkpointing, "load_in": load_in,
             "tokens_per_s": round(tokens / elapsed, 2),
             "trained_tokens_per_s": round(trained / elapsed, 2),
             "step_time_s": round(elapsed / steps, 4),

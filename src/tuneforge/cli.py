@@ -139,7 +139,8 @@ def _bench(args) -> int:
 
     result = run_bench(method=args.method, model=args.model, data=args.data, batch_size=args.batch_size,
                        max_length=args.max_length, steps=args.steps, lora_r=args.lora_r, dtype=args.dtype,
-                       packing=args.packing, full=args.full, gradient_checkpointing=args.gradient_checkpointing)
+                       packing=args.packing, full=args.full, gradient_checkpointing=args.gradient_checkpointing,
+                       load_in=args.load_in)
     print(json.dumps(result))
     return 0
 
@@ -249,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                        help="bfloat16 runs bf16 autocast over float32 weights")
     bench.add_argument("--packing", action="store_true", help="pack rows into max-length sequences")
+    bench.add_argument("--load-in", default="none", choices=["none", "4bit", "8bit"],
+                       help="quantize the base through bitsandbytes (QLoRA)")
     bench.add_argument("--gradient-checkpointing", action="store_true",
                        help="recompute activations in backward (TRL's SFTConfig default)")
     bench.set_defaults(func=_bench)
