@@ -53,17 +53,33 @@ def lm_loss_sum(model: torch.nn.Module, batch: Batch, chunk_size: int) -> torch.
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, batches: list[Batch], device: torch.device, chunk_size: int = 1024,
-                  bf16: bool = False) -> dict:
-    """Mean loss over every trained token of ``batches`` and its perplexity."""
+def summed_eval_loss(model: torch.nn.Module, loss_sum, batches, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Sum of ``loss_sum(batch)`` over ``batches`` in eval mode (float64, on ``device``) and the trained tokens
+    of all ranks; the model's training mode is restored. Shared by every evaluation of response loss."""
     was_training = model.training
     model.eval()
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
     for batch in batches:
-        with autocast(device, bf16):
-            total += lm_loss_sum(model, move(batch, device), chunk_size).double().cpu()
-        tokens += batch.num_trained
+        total += loss_sum(move(batch, device)).double()
+        tokens += batch.global_trained
     model.train(was_training)
-    loss = float(total) / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+    return total, tokens
+
+
+def loss_and_perplexity(total: float, tokens: int) -> tuple[float, float]:
+    loss = total / max(tokens, 1)
+    return loss, math.exp(min(loss, 50.0))
+
+
+def evaluate_loss(model: torch.nn.Module, batches: list[Batch], device: torch.device, chunk_size: int = 1024,
+                  bf16: bool = False) -> dict:
+    """Mean loss over every trained token of ``batches`` and its perplexity (one process)."""
+
+    def loss_sum(batch: Batch) -> torch.Tensor:
+        with autocast(device, bf16):
+            return lm_loss_sum(model, batch, chunk_size)
+
+    total, tokens = summed_eval_loss(model, loss_sum, batches, device)
+    loss, perplexity = loss_and_perplexity(float(total), tokens)
+    return {"loss": loss, "perplexity": perplexity, "tokens": tokens}

@@ -35,7 +35,8 @@ from tuneforge.engine.optim import build_optimizer, build_scheduler
 from tuneforge.engine.plots import plot_runs
 from tuneforge.engine.rundir import check_run_dir, prepare_run_dir, save_run
 from tuneforge.engine.signals import StopRequest
-from tuneforge.engine.step import autocast, bf16_autocast_enabled, lm_loss_sum, move
+from tuneforge.engine.step import (autocast, bf16_autocast_enabled, lm_loss_sum, loss_and_perplexity, move,
+                                   summed_eval_loss)
 from tuneforge.errors import UserError
 from tuneforge.models.adapters import add_lora, causal_lm, prepare_quantized
 from tuneforge.models.dropout import use_fast_dropout
@@ -316,18 +317,12 @@ class SFTRecipe:
             return None
         batches = make_batches(self.data.validation, self.config.train.batch_size, self.tokenizer.pad_token_id,
                                rank=self.dist.rank, world_size=self.dist.world_size)
-        self.model.eval()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        tokens = 0
-        for batch in batches:
-            total += self.wrapped(move(batch, self.device)).double()
-            tokens += batch.global_trained
-        self.model.train()
+        total, tokens = summed_eval_loss(self.model, self.wrapped, batches, self.device)
         reshard(self.wrapped)
         if self.dist.enabled:
             dist.all_reduce(total)
-        loss = float(total) / tokens
-        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+        loss, perplexity = loss_and_perplexity(float(total), tokens)
+        return {"val_loss": loss, "val_perplexity": perplexity}
 
     def train(self) -> dict:
         """Run until the planned steps are done, early stopping triggers, or a signal asks to stop."""
