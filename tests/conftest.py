@@ -112,3 +112,19 @@ def trained_spans(tokenizer):
         return runs
 
     return spans
+
+
+def poison_loss(monkeypatch, from_call: int, only: bool = False) -> None:
+    """Make the recipe's loss NaN from its ``from_call``-th call on (only that call when ``only``)."""
+    from tuneforge.recipes import sft
+
+    calls = {"n": 0}
+    real = sft.lm_loss_sum
+
+    def poisoned(model, batch, chunk_size):
+        calls["n"] += 1
+        loss = real(model, batch, chunk_size)
+        hit = calls["n"] == from_call if only else calls["n"] >= from_call
+        return loss * float("nan") if hit else loss
+
+    monkeypatch.setattr(sft, "lm_loss_sum", poisoned)

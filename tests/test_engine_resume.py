@@ -22,10 +22,9 @@ from tuneforge.engine import checkpoint as ckpt
 from tuneforge.engine.metrics import read_metrics
 from tuneforge.errors import UserError
 from tuneforge.models.loading import RUN_MARKER
-from tuneforge.recipes import sft
 from tuneforge.recipes.sft import NonFiniteLossError, SFTRecipe, run_sft
 
-from conftest import QA_ROWS, write_jsonl
+from conftest import QA_ROWS, poison_loss, write_jsonl
 
 # Weights and losses of a resumed run must match the uninterrupted run to this (fp32 on CPU is deterministic
 # for a fixed thread count, so in practice they are bit-identical).
@@ -458,15 +457,7 @@ def test_old_checkpoints_are_removed_only_after_a_newer_one_is_complete(make_con
 
 # ---------------------------------------------------------------------------------------------------- NaN guard
 def test_a_nan_loss_names_the_step_and_writes_no_checkpoint_from_it(make_config, qa_file, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real = sft.lm_loss_sum
-
-    def poisoned(model, batch, chunk_size):
-        calls["n"] += 1
-        loss = real(model, batch, chunk_size)
-        return loss * float("nan") if calls["n"] == 3 else loss
-
-    monkeypatch.setattr(sft, "lm_loss_sum", poisoned)
+    poison_loss(monkeypatch, 3, only=True)
     config = make_config(qa_file, train={"max_steps": 5}, save={"every": 1, "keep_last": 5})
     with pytest.raises(NonFiniteLossError, match="step 3: the loss is nan"):
         run_sft(config, log=quiet)

@@ -18,10 +18,9 @@ from tuneforge.errors import DataError, UserError
 from tuneforge.losses import IGNORE_INDEX, reference_lm_loss_sum
 from tuneforge.models.adapters import is_peft
 from tuneforge.models.loading import RUN_MARKER
-from tuneforge.recipes import sft
 from tuneforge.recipes.sft import NonFiniteLossError, SFTRecipe, optimizer_windows, run_sft
 
-from conftest import write_jsonl
+from conftest import poison_loss, write_jsonl
 
 WORDS = "the quick brown fox jumps over the lazy dog while seven small birds sing old songs".split()
 # Eight rows whose prompts and responses all differ in length, so micro-batches hold different numbers of
@@ -386,15 +385,7 @@ def test_logged_lr_is_the_rate_the_step_trained_with(make_config, qa_file):
 
 # ------------------------------------------------------------------------------------------------- NaN guard
 def test_non_finite_loss_stops_the_run_without_saving(make_config, qa_file, monkeypatch, tmp_path):
-    calls = {"n": 0}
-    real = sft.lm_loss_sum
-
-    def poisoned(model, batch, chunk_size):
-        calls["n"] += 1
-        loss = real(model, batch, chunk_size)
-        return loss * float("nan") if calls["n"] >= 2 else loss
-
-    monkeypatch.setattr(sft, "lm_loss_sum", poisoned)
+    poison_loss(monkeypatch, 2)
     config = make_config(qa_file, train={"max_steps": 4})
     with pytest.raises(NonFiniteLossError, match="step 2"):
         run_sft(config, log=quiet)
@@ -402,7 +393,7 @@ def test_non_finite_loss_stops_the_run_without_saving(make_config, qa_file, monk
     assert not (run_dir / RUN_MARKER).exists()
     assert not (run_dir / "adapter").exists()
     # The stopped run is still recognisably tuneforge's, so it can be replaced.
-    monkeypatch.setattr(sft, "lm_loss_sum", real)
+    monkeypatch.undo()  # the real loss again
     summary = run_sft(config, overwrite=True, log=quiet)
     assert summary["steps"] == 4 and (run_dir / RUN_MARKER).exists()
 

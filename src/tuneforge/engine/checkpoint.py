@@ -29,6 +29,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from tuneforge.config import RunConfig, config_from_dict, save_config
+from tuneforge.engine.distributed import full_state
 from tuneforge.errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -80,10 +81,6 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"{PREFIX}{step:08d}"
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-
-
 def _fsync_tree(path: Path) -> None:
     for item in path.iterdir():
         with open(item, "rb") as handle:
@@ -102,7 +99,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, model: torch.nn.Module, op
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        save_file(weights if weights is not None else trainable_state(model), str(staging / "weights.safetensors"))
+        save_file(weights if weights is not None else full_state(model), str(staging / "weights.safetensors"))
         optimizer_state = optimizer_state if optimizer_state is not None else optimizer.state_dict()
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, staging / "optimizer.pt")
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),

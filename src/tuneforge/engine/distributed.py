@@ -112,12 +112,12 @@ def _restore_sync(wrapped):
         wrapped.set_requires_gradient_sync(True)
 
 
-def full_state(model: torch.nn.Module, info: DistInfo, trainable_only: bool = True) -> dict[str, torch.Tensor]:
-    """Full (unsharded) CPU copies of the parameters on every rank; a collective under FSDP2, so every rank
-    must call it."""
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU copies of the trainable parameters (the adapter for LoRA, everything for full
+    fine-tuning); a collective under FSDP2, so every rank must call it."""
     out = {}
     for name, parameter in model.named_parameters():
-        if trainable_only and not parameter.requires_grad:
+        if not parameter.requires_grad:
             continue
         value = parameter.detach()
         if hasattr(value, "full_tensor"):

@@ -445,7 +445,7 @@ class SFTRecipe:
         if state.step in self._saved_steps:
             return
         state.elapsed_s = time.perf_counter() - self._clock_start
-        weights = full_state(self.model, self.dist)
+        weights = full_state(self.model)
         optimizer_state = None
         if is_sharded(self.dist, self.config.distributed):
             optimizer_state = gather_optimizer_state(self.wrapped, self.optimizer)
@@ -484,7 +484,7 @@ class SFTRecipe:
 
             self._load_weights(load_file(str(best / "weights.safetensors")))
             final_step = state.best_step
-        weights = full_state(self.model, self.dist, trainable_only=not self.config.lora.enabled) \
+        weights = full_state(self.model) \
             if is_sharded(self.dist, self.config.distributed) else None
         if self.dist.is_main:
             save_run(self.run_dir, self.config, self.model, self.tokenizer, self.template, self.config.lora.enabled,
