@@ -1,11 +1,12 @@
 # Two commands for a fresh machine: `make demo` (the SFT demo on the embedded default model) and `make test`.
+# `make demo-align` goes on from the SFT demo's run with DPO.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # A bare `torch` requirement pulls a multi-GB CUDA build; the CPU build is pinned and installed first.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-all bench install install-dev clean
+.PHONY: demo demo-align test test-all bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,10 @@ install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
 	$(BIN)/python examples/demo_sft.py
+
+# DPO on top of runs/velmora-sft (trained first when missing): concise answers preferred to rambling ones.
+demo-align: $(VENV)/.installed
+	$(BIN)/python examples/demo_align.py
 
 # The fast suite (tiny models); `make test-all` adds the slow runs on the 135M default model.
 test: $(VENV)/.installed-dev

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from tuneforge.cli import main as cli_main
-from tuneforge.models.memory import (GB, KNOWN_MODELS, estimate, lora_parameters, parameter_counts,
+from tuneforge.errors import UserError
+from tuneforge.models.memory import (CPU_RUNTIME_BYTES, DTYPE_BYTES, GB, KNOWN_MODELS, NF4_BYTES_PER_PARAM,
+                                     activation_bytes, estimate, lora_parameters, parameter_counts,
                                      resolve_shape)
 
 SMOLLM2_135M_PARAMS = 134_515_008
@@ -67,7 +70,9 @@ def test_seed_table_lora_and_qlora_7b():
     # The seed's LoRA row assumes a 16-bit base: 7B x 2 bytes.
     assert estimate(shape, method="lora", dtype="bfloat16", activations_gb=0).weights / GB == pytest.approx(13.5, abs=1)
     qlora = estimate(shape, method="qlora", activations_gb=20)
-    assert 3.5 <= qlora.weights / GB <= 4.0
+    # 6.48B linear params in NF4 (3.34 GB) + embeddings, head and norms, which PEFT's k-bit preparation casts to
+    # float32 (0.26B x 4 = 1.05 GB).
+    assert qlora.weights / GB == pytest.approx(4.39, abs=0.05)
     assert qlora.adapters == lora.adapters
 
 
@@ -81,8 +86,87 @@ def test_optimizers_fsdp_and_checkpointing():
     assert sharded.activations == base.activations
     assert estimate(shape, method="full", world_size=4).weights == base.weights  # DDP replicates
     assert estimate(shape, method="full", grad_checkpointing=True).activations < base.activations / 4
-    # Logits: one loss chunk of fp32 logits and their gradient, not seq x vocab.
-    assert base.logits == 256 * 32000 * 4 * 2
+    # Logits: one loss chunk of fp32 logits and their gradient, not seq x vocab; a trained head adds the fp32
+    # (vocab, hidden) weight-gradient buffer the chunked loss fills from the forward pass on.
+    assert estimate(shape, method="lora").logits == 256 * 32000 * 4 * 2
+    assert base.logits == 256 * 32000 * 4 * 2 + 32000 * 4096 * 4
+
+
+def test_checkpointing_keeps_layer_inputs_and_one_layer():
+    shape, tokens = KNOWN_MODELS["smollm2-135m"], 198 * 4
+    h, unit = shape.hidden, DTYPE_BYTES["float32"]
+    # 7h + 2·kv·d + 4·I elements per token and layer, plus the dropped-out input of each adapted layer (LoRA).
+    per_token = 7 * 576 + 2 * 3 * 64 + 4 * 1536 + (6 * 576 + 1536)
+    layer = tokens * per_token * unit
+    final_norm = 2 * tokens * h * unit
+    full = estimate(shape, method="lora", seq_len=198, batch=4)
+    checkpointed = estimate(shape, method="lora", seq_len=198, batch=4, grad_checkpointing=True)
+    assert full.activations == shape.layers * layer + final_norm
+    # Each layer keeps only its input; backward recomputes one layer at a time.
+    assert checkpointed.activations == shape.layers * tokens * h * unit + layer + final_norm
+    assert full.activations - checkpointed.activations == (shape.layers - 1) * layer - shape.layers * tokens * h * unit
+
+
+def test_qlora_activations_follow_the_compute_dtype():
+    shape = KNOWN_MODELS["smollm2-135m"]
+    lora = estimate(shape, method="lora", seq_len=198, batch=4)
+    # bitsandbytes keeps no dequantised weights for backward: QLoRA keeps what LoRA keeps, in the compute dtype
+    # (tuneforge's model.compute_dtype, float32 by default).
+    assert estimate(shape, method="qlora", seq_len=198, batch=4).activations == lora.activations
+    bf16 = estimate(shape, method="qlora", seq_len=198, batch=4, dtype="bfloat16")
+    assert bf16.activations == activation_bytes(shape, 198, 4, "bfloat16", lora_dropout=True)
+
+
+def test_cpu_terms():
+    shape = KNOWN_MODELS["smollm2-135m"]
+    counts = parameter_counts(shape)
+    quantised = counts["attention"] + counts["mlp"]
+    for method in ("full", "lora", "qlora"):
+        for checkpointing in (False, True):
+            gpu = estimate(shape, method=method, seq_len=198, batch=4, grad_checkpointing=checkpointing)
+            cpu = estimate(shape, method=method, seq_len=198, batch=4, grad_checkpointing=checkpointing,
+                           device="cpu")
+            assert gpu.runtime == gpu.heap_retention == gpu.mapped_checkpoint == 0
+            assert cpu.runtime == CPU_RUNTIME_BYTES
+            # glibc keeps the blocks freed in the forward pass: one layer's activations per layer under LoRA
+            # and QLoRA, with or without checkpointing; under full fine-tuning it is left out.
+            retained = 0 if method == "full" else activation_bytes(shape, 198, 4, "float32", lora_dropout=True)
+            assert cpu.heap_retention == retained
+            # A float32 checkpoint stays mapped under QLoRA: the linear layers' float weights stay resident.
+            assert cpu.mapped_checkpoint == (quantised * 4 if method == "qlora" else 0)
+            assert cpu.total == pytest.approx(gpu.total + cpu.runtime + cpu.heap_retention + cpu.mapped_checkpoint)
+    qlora = estimate(shape, method="qlora", device="cpu")
+    assert qlora.weights == quantised * NF4_BYTES_PER_PARAM + (counts["total"] - quantised) * 4
+    # A 16-bit checkpoint is converted while loading: nothing aliases the mapping, so it is not counted.
+    bf16_checkpoint = dataclasses.replace(shape, checkpoint_dtype="bfloat16")
+    assert estimate(bf16_checkpoint, method="qlora", device="cpu").mapped_checkpoint == 0
+    with pytest.raises(UserError, match="device"):
+        estimate(shape, device="tpu")
+
+
+# docs/memory.md, "Checked against real runs": the peak RSS of `tuneforge bench --steps 2` (GB; the higher of
+# two runs where there were two) and the peak of live tensors in its 4 x 198-token step (GB), fp32, LoRA r=16.
+MEASURED = {  # (model, method, checkpointing): (peak RSS -> device="cpu", live tensors -> device="cuda")
+    ("tiny", "lora", False): (0.599, 0.125),
+    ("tiny", "lora", True): (0.596, 0.115),
+    ("tiny", "full", False): (0.659, 0.161),
+    ("tiny", "qlora", False): (0.596, 0.125),
+    ("135m", "lora", False): (3.776, 2.090),
+    ("135m", "lora", True): (2.810, 0.758),
+    ("135m", "full", False): (3.855, 3.050),
+    ("135m", "full", True): (3.350, 2.690),
+    ("135m", "qlora", False): (3.953, 1.718),
+}
+
+
+@pytest.mark.parametrize("row", sorted(MEASURED))
+def test_estimates_stay_within_25_percent_of_the_recorded_measurements(row, tiny_model_dir):
+    model, method, checkpointing = row
+    shape = resolve_shape(str(tiny_model_dir)) if model == "tiny" else KNOWN_MODELS["smollm2-135m"]
+    for device, measured in zip(("cpu", "cuda"), MEASURED[row]):
+        result = estimate(shape, method=method, seq_len=198, batch=4, grad_checkpointing=checkpointing,
+                          device=device)
+        assert result.total / GB == pytest.approx(measured, rel=0.25), (device, result.total / GB, measured)
 
 
 def test_cli_estimate_json_and_table(capsys):
@@ -94,6 +178,14 @@ def test_cli_estimate_json_and_table(capsys):
     text = capsys.readouterr().out
     for term in ("weights", "gradients", "optimizer", "activations", "logits", "adapters", "total"):
         assert term in text
+    assert "heap_retention" not in text  # the CPU-only lines appear with --device cpu
+    assert cli_main(["estimate", "--model", "smollm2-135m", "--method", "qlora", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    for term in ("runtime", "heap_retention", "mapped_checkpoint", "resident"):
+        assert term in text
+    assert cli_main(["estimate", "--model", "smollm2-135m", "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["device"] == "cpu" and result["runtime"] > 0 and result["heap_retention"] > 0
 
 
 @pytest.mark.parametrize("spec", ["no-such-model", "{tmp}", "{tmp}/config.json"])

@@ -445,3 +445,47 @@ def test_last_token_index_rejects_empty_rows_and_packed_masks():
         last_token_index(torch.ones(1, 1, 3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="must agree"):
         gather_last(torch.zeros(2, 4), torch.ones(2, 3))
+
+
+# --- sequence log-probs from hidden states (the recipes' path) ---------------------------------------------------
+@pytest.mark.parametrize("head_trains", [False, True])
+@pytest.mark.parametrize("chunk", [3, 1024])
+def test_sequence_logprobs_from_hidden_matches_full_logits(head_trains, chunk):
+    """Same sums, counts, means and gradients (hidden, weight, bias) as log_softmax over the full logits, with a
+    frozen head (LoRA: gradients formed in forward) and a trained one (recomputed in backward)."""
+    from tuneforge.losses import IGNORE_INDEX, sequence_logprobs, sequence_logprobs_from_hidden
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=True).requires_grad_(head_trains)
+    hidden = torch.randn(3, 7, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 7))
+    targets[0, :3] = IGNORE_INDEX
+    targets[2, :] = IGNORE_INDEX  # a row without response tokens: 0, not NaN
+    weights = torch.randn(3)  # per-sequence upstream gradients, as a preference loss gives
+    ours = sequence_logprobs_from_hidden(hidden, targets, head, chunk_size=chunk)
+    (ours.sums * weights + ours.means).sum().backward()
+    got = [hidden.grad.clone()] + ([head.weight.grad.clone(), head.bias.grad.clone()] if head_trains else [])
+    hidden.grad = None
+    head.zero_grad()
+    logits = head(hidden)
+    sums, means = sequence_logprobs(logits, targets), sequence_logprobs(logits, targets, average=True)
+    (sums * weights + means).sum().backward()
+    want = [hidden.grad] + ([head.weight.grad, head.bias.grad] if head_trains else [])
+    torch.testing.assert_close(ours.sums, sums, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.means, means, atol=1e-6, rtol=1e-5)
+    assert ours.counts.tolist() == [4, 7, 0] and ours.sums[2].item() == 0
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_logprobs_from_hidden_accepts_a_wrapped_head():
+    """A head that is not a plain nn.Linear (a LoRA-wrapped one, say) is called as a module, with the same result."""
+    from tuneforge.losses import sequence_logprobs, sequence_logprobs_from_hidden
+
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(8, 20, bias=False)
+    wrapped = torch.nn.Sequential(linear)
+    hidden = torch.randn(2, 5, 8)
+    targets = torch.randint(0, 20, (2, 5))
+    torch.testing.assert_close(sequence_logprobs_from_hidden(hidden, targets, wrapped, chunk_size=4).sums,
+                               sequence_logprobs(linear(hidden), targets), atol=1e-5, rtol=1e-5)

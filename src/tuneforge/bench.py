@@ -44,6 +44,20 @@ def synthetic_rows(count: int = 64, seed: int = 0) -> list[dict]:
     return rows
 
 
+def synthetic_pairs(count: int = 64, seed: int = 0) -> list[dict]:
+    """Fixed preference pairs of varied length: a prompt of 15 to 60 words, a chosen completion of 20 to 80 words
+    and a rejected one of 30 to 110 (about 100 to 250 tokens per side with SmolLM2's tokenizer)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        prompt = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(15, 60)))
+        chosen = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(20, 80)))
+        rejected = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(30, 110)))
+        rows.append({"prompt": f"Repeat and continue: {prompt}", "chosen": chosen.capitalize() + ".",
+                     "rejected": rejected.capitalize() + "!"})
+    return rows
+
+
 def measure_matmul_peak(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 5) -> float:
     """Best FLOP/s of a square matmul of ``size`` in ``dtype`` (the denominator of MFU)."""
     a = torch.randn(size, size, device=device).to(dtype)
@@ -79,7 +93,10 @@ def lora_parameters(model: torch.nn.Module) -> int:
 def run_bench(method: str = "sft", model: str = "default", data: str | None = None, batch_size: int = 4,
               max_length: int = 256, steps: int = 5, lora_r: int = 16, dtype: str = "float32",
               packing: bool = False, full: bool = False, gradient_checkpointing: bool = False,
-              load_in: str = "none") -> dict:
+              load_in: str = "none", precompute_ref: bool = False) -> dict:
+    if method != "sft":
+        return run_preference_bench(method, model, data, batch_size, max_length, steps, lora_r, dtype, full,
+                                    gradient_checkpointing, load_in, precompute_ref)
     with tempfile.TemporaryDirectory() as scratch:
         if data is None:
             data = str(Path(scratch) / "bench.jsonl")
@@ -139,6 +156,74 @@ def run_bench(method: str = "sft", model: str = "default", data: str | None = No
             "matmul_params": n_matmul, "lora_params": n_lora,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "cpus": os.cpu_count(),
+        }
+        if device.type == "cuda":
+            result["max_gpu_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        return result
+
+
+def run_preference_bench(method: str, model: str, data: str | None, batch_size: int, max_length: int, steps: int,
+                         lora_r: int, dtype: str, full: bool, gradient_checkpointing: bool, load_in: str,
+                         precompute_ref: bool) -> dict:
+    """Pairs/s, tokens/s and peak memory of DPO-family training (``method`` dpo, simpo, orpo or reward).
+
+    Model FLOPs count the policy's forward and backward on both sides of each pair (4·N per token for LoRA, 6·N
+    for full) plus, when the reference runs in line (DPO without ``precompute_ref``), its forward (2·N).
+    """
+    from tuneforge.recipes import recipe_for
+
+    with tempfile.TemporaryDirectory() as scratch:
+        if data is None:
+            data = str(Path(scratch) / "pairs.jsonl")
+            Path(data).write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs()))
+        config = config_from_dict({
+            "method": method,
+            "model": {"name_or_path": model, "dtype": "float32", "load_in": load_in},
+            "data": {"train": data, "max_length": max_length, "shuffle": False},
+            "lora": {"enabled": not full, "r": lora_r, "alpha": 2 * lora_r},
+            "dpo": {"precompute_ref": precompute_ref},
+            "train": {"output_dir": str(Path(scratch) / "run"), "batch_size": batch_size, "epochs": 1000,
+                      "max_steps": steps + 1, "lr": 1e-5, "seed": 0,
+                      "mixed_precision": "bf16" if dtype == "bfloat16" else "no",
+                      "gradient_checkpointing": gradient_checkpointing},
+        })
+        recipe = recipe_for(method)(config, log=lambda message: None, show_progress=False, run_dir=False)
+        setup_start = time.perf_counter()
+        recipe.setup()  # includes the reference pass over the data when precompute_ref is on
+        setup_s = time.perf_counter() - setup_start
+        batches = recipe._epoch_batches(shuffle=False)
+        plan = [[batches[i % len(batches)]] for i in range(steps + 1)]
+        device = recipe.device
+        recipe.train_step(plan[0])  # warm-up
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        pairs = tokens = 0
+        start = time.perf_counter()
+        for window in plan[1:]:
+            loss, _ = recipe.train_step(window)
+            for batch in window:
+                pairs += batch.num_pairs
+                tokens += batch.sequences.num_tokens
+        loss.item()
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        n_matmul = matmul_parameters(recipe.model)
+        n_lora = lora_parameters(recipe.model)
+        per_token = 6 * n_matmul if full else 4 * n_matmul + 6 * n_lora
+        if method == "dpo" and not precompute_ref:
+            per_token += 2 * n_matmul
+        peak = measure_matmul_peak(torch.bfloat16 if dtype == "bfloat16" else torch.float32, device)
+        result = {
+            "method": method, "model": model, "dtype": dtype, "mode": "full" if full else f"lora-r{lora_r}",
+            "batch_size": batch_size, "max_length": max_length, "steps": steps, "precompute_ref": precompute_ref,
+            "gradient_checkpointing": gradient_checkpointing, "load_in": load_in,
+            "pairs_per_s": round(pairs / elapsed, 3), "tokens_per_s": round(tokens / elapsed, 2),
+            "step_time_s": round(elapsed / steps, 4), "setup_s": round(setup_s, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "mfu": round(per_token * tokens / elapsed / peak, 4),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
         }
         if device.type == "cuda":
             result["max_gpu_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

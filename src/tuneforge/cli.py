@@ -20,12 +20,12 @@ def _train(args) -> int:
     from tuneforge.config import load_config
     from tuneforge.engine.distributed import shutdown_distributed
     from tuneforge.engine.signals import EXIT_CODES
-    from tuneforge.recipes.sft import run_sft
+    from tuneforge.recipes import run_recipe
 
     config = load_config(args.config, args.overrides)
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     try:
-        summary = run_sft(config, overwrite=args.overwrite, log=log, resume=args.resume or False, force=args.force)
+        summary = run_recipe(config, overwrite=args.overwrite, log=log, resume=args.resume or False, force=args.force)
     except BaseException:
         shutdown_distributed(clean=False)
         raise
@@ -54,6 +54,8 @@ def _preview(args) -> int:
     from tuneforge.models.loading import load_tokenizer, resolve_model
 
     config = load_config(args.config, args.overrides)
+    if config.method != "sft":
+        return _preview_preference(args, config)
     report = DataReport()
     conversations = load_conversations(config.data.train, config.data, report)
     tokenizer = load_tokenizer(resolve_model(config.model.name_or_path))
@@ -66,6 +68,32 @@ def _preview(args) -> int:
         print(f"--- row {example.row} ({len(example.input_ids)} tokens, {example.num_trained} trained"
               f"{', truncated' if example.truncated else ''})")
         print(render_example(example, tokenizer, colour))
+    print("---")
+    for line in report.lines():
+        print(line)
+    return 0
+
+
+def _preview_preference(args, config) -> int:
+    from tuneforge.data.dataset import DataReport
+    from tuneforge.data.preference import load_preference_rows, tokenize_pairs, tokenize_unpaired
+    from tuneforge.data.preview import render_pair, render_unpaired
+    from tuneforge.data.templates import load_template
+    from tuneforge.models.loading import load_tokenizer, resolve_model
+
+    unpaired = config.method == "kto"
+    report = DataReport()
+    rows = load_preference_rows(config.data.train, config.data, report, unpaired=unpaired)
+    tokenizer = load_tokenizer(resolve_model(config.model.name_or_path))
+    template = load_template(config.data.template, tokenizer)
+    tokenize = tokenize_unpaired if unpaired else tokenize_pairs
+    examples = tokenize(rows, template, tokenizer, config.data, report)
+    colour = sys.stdout.isatty() and not args.no_color
+    print(f"method: {config.method}; template: {template.name}; response tokens (the ones scored) are "
+          + ("shown in green" if colour else "between [[ and ]]"))
+    for example in examples[: args.n]:
+        print(f"--- row {example.row}")
+        print(render_unpaired(example, tokenizer, colour) if unpaired else render_pair(example, tokenizer, colour))
     print("---")
     for line in report.lines():
         print(line)
@@ -134,13 +162,59 @@ def _export(args) -> int:
     return 0
 
 
+def _score(args) -> int:
+    from tuneforge.data.formats import Conversation, to_conversation
+    from tuneforge.data.preference import to_preference_row
+    from tuneforge.data.readers import BadRow, read_rows
+    from tuneforge.eval.scoring import RewardScorer
+
+    if args.out and os.path.exists(args.out):
+        raise UserError(f"{args.out} exists; choose a new output file (score never overwrites)")
+    # Every row is validated before the model loads.
+    rows, conversations = [], []
+    for row in read_rows(args.data):
+        if isinstance(row, BadRow):
+            raise row.error
+        if "chosen" in row.fields:
+            pair = to_preference_row(row.fields, args.data, row.number)
+            conversations += [Conversation(pair.prompt + pair.chosen, args.data, row.number),
+                              Conversation(pair.prompt + pair.rejected, args.data, row.number)]
+            rows.append((row.fields, 2))
+        else:
+            conversations.append(to_conversation(row.fields, "auto", args.data, row.number))
+            rows.append((row.fields, 1))
+    scorer = RewardScorer.load(args.model, max_length=args.max_length)
+    scores = scorer.score(conversations, batch_size=args.batch_size)
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    position, pairs, right = 0, 0, 0
+    try:
+        for fields, count in rows:
+            if count == 2:
+                chosen, rejected = scores[position], scores[position + 1]
+                fields = {**fields, "chosen_score": chosen, "rejected_score": rejected}
+                pairs += 1
+                right += chosen > rejected
+            else:
+                fields = {**fields, "score": scores[position]}
+            position += count
+            out.write(json.dumps(fields) + "\n")
+    finally:
+        if args.out:
+            out.close()
+    summary = f"scored {len(rows)} rows ({len(scores)} sequences), mean score {sum(scores) / len(scores):.4f}"
+    if pairs:
+        summary += f"; chosen scored above rejected in {right}/{pairs} pairs ({right / pairs:.1%})"
+    print(summary + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
+    return 0
+
+
 def _bench(args) -> int:
     from tuneforge.bench import run_bench
 
     result = run_bench(method=args.method, model=args.model, data=args.data, batch_size=args.batch_size,
                        max_length=args.max_length, steps=args.steps, lora_r=args.lora_r, dtype=args.dtype,
                        packing=args.packing, full=args.full, gradient_checkpointing=args.gradient_checkpointing,
-                       load_in=args.load_in)
+                       load_in=args.load_in, precompute_ref=args.precompute_ref)
     print(json.dumps(result))
     return 0
 
@@ -152,14 +226,14 @@ def _estimate(args) -> int:
     result = estimate(shape, method=args.method, seq_len=args.seq_len, batch=args.batch, lora_r=args.lora_r,
                       grad_checkpointing=args.grad_checkpointing, optimizer=args.optimizer,
                       world_size=args.world_size, fsdp=args.fsdp, dtype=args.dtype,
-                      activations_gb=args.activations_gb, loss_chunk=args.loss_chunk_size)
+                      activations_gb=args.activations_gb, loss_chunk=args.loss_chunk_size, device=args.device)
     if args.json:
         print(json.dumps({"model": shape.name, "method": args.method, **result.as_dict()}))
     else:
         strategy = f"FSDP x{args.world_size}" if args.fsdp else f"DDP x{args.world_size}" if args.world_size > 1 \
             else "1 process"
         print(format_estimate(shape, result, f"{shape.name}, {args.method}, {args.dtype}, {args.optimizer}, "
-                                             f"seq {args.seq_len} x batch {args.batch}, {strategy}"))
+                                             f"seq {args.seq_len} x batch {args.batch}, {strategy}, {args.device}"))
     return 0
 
 
@@ -173,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
 
     train = verbs.add_parser(
-        "train", help="train with the method named in the config (method: sft); works under torchrun",
+        "train", help="train with the method named in the config (sft, reward, dpo, simpo, orpo, kto); "
+                              "works under torchrun",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train from a YAML config plus key=value overrides with dotted keys "
                     "(train.lr=1e-4 lora.r=8).",
@@ -236,12 +311,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="storage type of the weight matrices (default f16; f32 is exact)")
     export.set_defaults(func=_export)
 
+    score = verbs.add_parser("score", help="score rows with a reward model; prints JSONL with the scores",
+                             description="Score each row of a data file with a reward model (a method: reward run). "
+                                         "Pairs (prompt/chosen/rejected) get chosen_score and rejected_score and the "
+                                         "pairwise accuracy is reported; other rows (messages, prompt/completion, "
+                                         "alpaca, sharegpt) get score.")
+    score.add_argument("model", help="a reward-model run directory, or a sequence-classification model folder")
+    score.add_argument("--data", required=True, help="data file (JSONL, JSON, CSV, Parquet)")
+    score.add_argument("--out", help="write JSONL here instead of standard output")
+    score.add_argument("--batch-size", type=int, default=8)
+    score.add_argument("--max-length", type=int, default=1024, help="longer rows keep their last tokens")
+    score.set_defaults(func=_score)
+
     bench = verbs.add_parser("bench", help="time a short fixed training workload; prints one JSON line",
                              description="Throughput (tokens/s, padding excluded), peak memory and model FLOPs "
                                          "utilisation of a short training workload, after one warm-up step.")
-    bench.add_argument("--method", default="sft", choices=["sft"])
+    bench.add_argument("--method", default="sft", choices=["sft", "dpo", "simpo", "orpo", "reward"],
+                       help="sft (tokens/s) or a pairwise method (pairs/s on synthetic preference pairs)")
     bench.add_argument("--model", default="default", help=MODEL_HELP)
-    bench.add_argument("--data", help="an SFT data file (default: fixed synthetic rows)")
+    bench.add_argument("--data", help="a data file of the method's format (default: fixed synthetic rows or pairs)")
+    bench.add_argument("--precompute-ref", action="store_true",
+                       help="dpo: reference log-probs computed once before the timed steps")
     bench.add_argument("--batch-size", type=int, default=4)
     bench.add_argument("--max-length", type=int, default=256)
     bench.add_argument("--steps", type=int, default=5, help="timed steps after the warm-up step (default 5)")
@@ -271,7 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "sgd"])
     est.add_argument("--world-size", type=int, default=1)
     est.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimiser states")
-    est.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    est.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                     help="weights and activations; for qlora the compute dtype (activations)")
+    est.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                     help="cuda (default): live tensors, as max_memory_allocated counts them; cpu: the process's "
+                          "peak resident memory (adds the Python process, glibc heap retention and, for qlora, "
+                          "the mapped float checkpoint)")
     est.add_argument("--activations-gb", type=float, help="use this activation figure instead of the formula")
     est.add_argument("--loss-chunk-size", type=int, default=256, help="train.loss_chunk_size (default 256)")
     est.add_argument("--json", action="store_true", help="print one JSON object (bytes) instead of a table")

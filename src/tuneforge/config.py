@@ -74,6 +74,9 @@ class DataConfig:
             ``drop`` (counted) or ``raise``.
         packing: concatenate rows into sequences of ``max_length`` tokens, with attention kept inside each row.
         shuffle: shuffle the training rows every epoch (with the run's seed).
+        shared_prompt: preference pairs (dpo, simpo, orpo): one sequence per pair, prompt + chosen + rejected,
+            with rejected attending to the prompt but not to chosen, so the prompt's forward and backward run once
+            instead of twice. Exact (the same log-probs and gradients as two rows); ``false`` runs two rows.
     """
 
     train: str = ""
@@ -88,6 +91,7 @@ class DataConfig:
     on_truncation: Literal["drop", "raise"] = "drop"
     packing: bool = False
     shuffle: bool = True
+    shared_prompt: bool = True
 
 
 @dataclass
@@ -235,10 +239,91 @@ class DistributedConfig:
 
 
 @dataclass
-class RunConfig:
-    """A whole run: the method and its sections."""
+class DPOConfig:
+    """``method: dpo``: Direct Preference Optimization and the variants that only change its per-pair loss.
 
-    method: Literal["sft"] = "sft"
+    Attributes:
+        beta: KL strength: how far the policy may move from the reference (tau for IPO).
+        loss: ``sigmoid`` (DPO), ``ipo`` (on per-token mean log-probs, as TRL), ``cdpo`` (conservative DPO,
+            label smoothing), ``robust`` (rDPO) or ``hinge`` (SLiC / RSO); equations in ``tuneforge.losses.dpo_loss``.
+        label_smoothing: assumed rate of flipped preference labels, in [0, 0.5); ``cdpo`` and ``robust`` only.
+        precompute_ref: compute the reference log-probs once in a pass over the data before training and cache them
+            in the run directory; training then needs no reference forward pass (and, for full fine-tuning, no
+            second copy of the model).
+    """
+
+    beta: float = 0.1
+    loss: Literal["sigmoid", "ipo", "cdpo", "robust", "hinge"] = "sigmoid"
+    label_smoothing: float = 0.0
+    precompute_ref: bool = False
+
+
+@dataclass
+class SimPOConfig:
+    """``method: simpo``: reference-free, length-normalised preference optimisation (Meng et al. 2024).
+
+    Attributes:
+        beta: reward scale on the per-token mean log-prob (the paper uses 2 to 2.5).
+        gamma: target reward margin between chosen and rejected, in reward units.
+    """
+
+    beta: float = 2.0
+    gamma: float = 1.0
+
+
+@dataclass
+class ORPOConfig:
+    """``method: orpo``: SFT loss on the chosen response plus an odds-ratio term (Hong et al. 2024); no reference.
+
+    Attributes:
+        lam: weight of the odds-ratio term (the paper's lambda, TRL's ``beta``).
+    """
+
+    lam: float = 0.1
+
+
+@dataclass
+class KTOConfig:
+    """``method: kto``: unpaired desirable / undesirable completions (Ethayarajh et al. 2024).
+
+    Attributes:
+        beta: KL strength.
+        desirable_weight, undesirable_weight: lambda_D and lambda_U; keep lambda_D n_D / (lambda_U n_U) in
+            [1, 4/3] when the classes are unbalanced.
+        precompute_ref: as ``dpo.precompute_ref``.
+    """
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    precompute_ref: bool = False
+
+
+@dataclass
+class RewardConfig:
+    """``method: reward``: a scalar-head reward model trained on pairs with the Bradley-Terry loss.
+
+    Attributes:
+        center_coefficient: weight of the reward-centering term eta (r_c + r_r)^2 that keeps rewards near 0
+            (0 disables; 0.01 is a common choice). A per-pair margin is read from a row's ``margin`` field.
+    """
+
+    center_coefficient: float = 0.0
+
+
+METHODS = ("sft", "reward", "dpo", "simpo", "orpo", "kto")
+
+
+@dataclass
+class RunConfig:
+    """A whole run: the method and its sections.
+
+    ``method`` picks the recipe: ``sft`` (instruction tuning), ``reward`` (Bradley-Terry reward model), ``dpo``
+    (with ``dpo.loss`` choosing DPO, IPO, cDPO, rDPO or hinge), ``simpo``, ``orpo`` (pairs) or ``kto`` (unpaired
+    rows). Each method reads its own section; the others are ignored.
+    """
+
+    method: Literal["sft", "reward", "dpo", "simpo", "orpo", "kto"] = "sft"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -247,6 +332,11 @@ class RunConfig:
     save: SaveConfig = field(default_factory=SaveConfig)
     log: LogConfig = field(default_factory=LogConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    simpo: SimPOConfig = field(default_factory=SimPOConfig)
+    orpo: ORPOConfig = field(default_factory=ORPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -275,6 +365,14 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "eval.min_delta": (0.0, None),
     "save.every": (0, None),
     "save.keep_last": (1, None),
+    "dpo.beta": (1e-6, None),
+    "dpo.label_smoothing": (0.0, 0.49),
+    "simpo.beta": (1e-6, None),
+    "orpo.lam": (0.0, None),
+    "kto.beta": (1e-6, None),
+    "kto.desirable_weight": (0.0, None),
+    "kto.undesirable_weight": (0.0, None),
+    "reward.center_coefficient": (0.0, None),
 }
 
 
@@ -365,6 +463,7 @@ def _check_ranges(config: RunConfig) -> None:
             raise ConfigError(f"{key}: {value!r} is out of range; it must be {bounds}")
     _check_template(config.data.template)
     _check_quantization(config)
+    _check_method(config)
     target = config.lora.target_modules
     if not (target == "all-linear" or (isinstance(target, list) and all(isinstance(t, str) for t in target))):
         raise ConfigError(f"lora.target_modules: expected 'all-linear' or a list of module names, got {target!r}")
@@ -389,6 +488,17 @@ def _check_quantization(config: RunConfig) -> None:
     if config.distributed.strategy == "fsdp":
         raise ConfigError(f"model.load_in: a {config.model.load_in} base is not supported with "
                           "distributed.strategy=fsdp; use ddp (every rank holds the whole quantized model)")
+
+
+def _check_method(config: RunConfig) -> None:
+    if config.dpo.label_smoothing and config.dpo.loss not in ("cdpo", "robust"):
+        raise ConfigError(f"dpo.label_smoothing={config.dpo.label_smoothing} has no effect with "
+                          f"dpo.loss={config.dpo.loss}; use dpo.loss=cdpo or robust, or set it to 0")
+    if config.method != "sft" and config.data.packing:
+        raise ConfigError(f"data.packing: method {config.method} compares whole sequences (one score or "
+                          "log-prob per sequence); packing is for sft only")
+    if config.method != "sft" and config.data.train_on_prompt:
+        raise ConfigError(f"data.train_on_prompt: method {config.method} scores the responses only")
 
 
 def _is_template_path(spec: str) -> bool:
@@ -491,7 +601,7 @@ def describe_options() -> str:
     lines = []
     for section in dataclasses.fields(RunConfig):
         if section.name == "method":
-            lines.append("  method: sft")
+            lines.append(f"  method ({' | '.join(METHODS)}) = 'sft'")
             continue
         cls = typing.get_type_hints(RunConfig)[section.name]
         hints = typing.get_type_hints(cls)

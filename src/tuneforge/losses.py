@@ -141,6 +141,138 @@ def masked_lm_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, output_layer
     return total
 
 
+class _LinearTokenLogprobs(torch.autograd.Function):
+    """log softmax(hidden_i @ weight.T + bias)[target_i] for each selected position, chunk by chunk.
+
+    Preference losses weigh each token's log-prob by a per-sequence factor known only after the forward pass,
+    so, unlike the summed cross-entropy, the weight gradient cannot be formed ahead. What can be formed ahead is
+    the gradient with respect to the hidden states, d logp_i / d h_i = (onehot_i - softmax_i) @ W, a (tokens,
+    hidden) tensor: with a frozen head (LoRA, QLoRA) backward is then one multiply, with no logits kept or
+    recomputed. When the head itself trains, backward recomputes each chunk's softmax.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, grad_enabled):
+        compute = _compute_dtype(hidden)
+        need_hidden, need_weight, need_bias = (grad_enabled and need for need in ctx.needs_input_grad[:3])
+        w = weight.to(compute)
+        b = bias.to(compute) if bias is not None else None
+        logprobs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start:start + chunk_size].to(compute)
+            t = targets[start:start + chunk_size]
+            logits = h @ w.T
+            if b is not None:
+                logits = logits + b
+            logits = logits.float()
+            lse = torch.logsumexp(logits, dim=-1)
+            logprobs[start:start + chunk_size] = logits.gather(1, t[:, None]).squeeze(1) - lse
+            if need_hidden:
+                # In place: the chunk's logits become d logp / d logits = onehot - softmax.
+                grad_logits = logits.sub_(lse[:, None]).exp_().neg_()
+                grad_logits[torch.arange(t.shape[0], device=t.device), t] += 1.0
+                grad_hidden[start:start + chunk_size] = (grad_logits.to(compute) @ w).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden, hidden if (need_weight or need_bias) else None, weight, bias, targets)
+        ctx.chunk_size = chunk_size
+        ctx.need = (need_hidden, need_weight, need_bias)
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, hidden, weight, bias, targets = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.need
+        grad_h = grad_hidden * grad_output[:, None].to(grad_hidden.dtype) if need_hidden else None
+        grad_w = grad_b = None
+        if need_weight or need_bias:
+            compute = _compute_dtype(hidden)
+            w = weight.to(compute)
+            b = bias.to(compute) if bias is not None else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+            for start in range(0, hidden.shape[0], ctx.chunk_size):
+                h = hidden[start:start + ctx.chunk_size].to(compute)
+                t = targets[start:start + ctx.chunk_size]
+                logits = h @ w.T
+                if b is not None:
+                    logits = logits + b
+                # d (g_i logp_i) / d logits_i = g_i (onehot_i - softmax_i)
+                grad_logits = torch.softmax(logits.float(), dim=-1).neg_()
+                grad_logits[torch.arange(t.shape[0], device=t.device), t] += 1.0
+                grad_logits *= grad_output[start:start + ctx.chunk_size, None]
+                if need_weight:
+                    grad_w += (grad_logits.to(compute).T @ h).float()
+                if need_bias:
+                    grad_b += grad_logits.sum(0)
+            grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+            grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          bias: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
+    """Log-probability of each target under the output projection, without materialising all logits.
+
+    Args:
+        hidden: (tokens, hidden) final hidden states of the positions that have a target.
+        weight: (vocab, hidden) output projection.
+        targets: (tokens,) target ids (no ``IGNORE_INDEX``).
+        bias: optional (vocab,) output bias.
+        chunk_size: tokens per chunk; peak extra memory is about chunk_size x vocab floats.
+    Returns:
+        (tokens,) float32 log p(target), differentiable with respect to hidden, weight and bias.
+    """
+    return _LinearTokenLogprobs.apply(hidden, weight, bias, targets, chunk_size, torch.is_grad_enabled())
+
+
+@dataclass(frozen=True)
+class SequenceLogprobs:
+    """Per-row response log-probabilities from :func:`sequence_logprobs_from_hidden`.
+
+    sums: (batch,) float32 sum of the response's token log-probs, log pi(y | x).
+    counts: (batch,) int64 response tokens per row.
+    """
+
+    sums: torch.Tensor
+    counts: torch.Tensor
+
+    @property
+    def means(self) -> torch.Tensor:
+        """(batch,) per-token mean log-prob (0 for a row without targets)."""
+        return self.sums / self.counts.clamp(min=1)
+
+
+def sequence_logprobs_from_hidden(hidden: torch.Tensor, targets: torch.Tensor, output_layer: torch.nn.Module,
+                                  chunk_size: int = 1024) -> SequenceLogprobs:
+    """log pi(y | x) of each row from the decoder's hidden states, projecting only the response positions.
+
+    The same numbers as ``sequence_logprobs(output_layer(hidden), targets)``, without the (batch, seq, vocab)
+    logits: prompt and padding positions never reach the output head.
+
+    Args:
+        hidden: (batch, seq, hidden) final hidden states.
+        targets: (batch, seq) next-token ids or ``IGNORE_INDEX``.
+        output_layer: the output head; a plain ``nn.Linear`` takes the chunked path, anything else is called as
+            a module on the selected positions.
+    Returns:
+        :class:`SequenceLogprobs` with (batch,) sums and counts.
+    """
+    selected = targets != IGNORE_INDEX
+    rows = selected.nonzero()[:, 0]
+    h = hidden[selected]
+    t = targets[selected]
+    if type(output_layer) is torch.nn.Linear:
+        per_token = linear_token_logprobs(h, output_layer.weight, t, output_layer.bias, chunk_size)
+    else:
+        pieces = []
+        for start in range(0, h.shape[0], chunk_size):
+            logits = output_layer(h[start:start + chunk_size]).float()
+            pieces.append(torch.log_softmax(logits, dim=-1).gather(1, t[start:start + chunk_size, None]).squeeze(1))
+        per_token = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
+    sums = torch.zeros(targets.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, per_token)
+    return SequenceLogprobs(sums, selected.sum(dim=-1))
+
+
 def reference_lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Plain full-logits cross-entropy sum; the reference the chunked path is tested against."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),

@@ -61,3 +61,37 @@ def tokenize_data(read: ReadData, config: RunConfig, tokenizer, template) -> Pre
 def prepare_data(config: RunConfig, tokenizer, template) -> PreparedData:
     """Read, validate, split and tokenise the train (and validation) data."""
     return tokenize_data(read_data(config), config, tokenizer, template)
+
+
+def read_preference_data(config: RunConfig, unpaired: bool = False) -> ReadData:
+    """:func:`read_data` for preference methods: pairs (``prompt`` / ``chosen`` / ``rejected``), or unpaired rows
+    (``prompt`` / ``completion`` / ``label``) for KTO. ``ReadData.train`` then holds ``PreferenceRow`` or
+    ``UnpairedRow`` items."""
+    from tuneforge.data.preference import load_preference_rows
+
+    data = config.data
+    train_report = DataReport()
+    rows = load_preference_rows(data.train, data, train_report, unpaired=unpaired)
+    if data.validation:
+        validation_report = DataReport()
+        validation = load_preference_rows(data.validation, data, validation_report, unpaired=unpaired)
+        return ReadData(rows, validation, [train_report, validation_report])
+    if data.val_fraction > 0:
+        rows, validation = split_validation(rows, data.val_fraction, config.train.seed)
+        train_report.rows -= len(validation)
+        held_out = DataReport(path=f"{data.train} (held-out {data.val_fraction:g})", rows=len(validation))
+        return ReadData(rows, validation, [train_report, held_out])
+    return ReadData(rows, [], [train_report])
+
+
+def tokenize_preference_data(read: ReadData, config: RunConfig, tokenizer, template,
+                             unpaired: bool = False) -> PreparedData:
+    """Tokenise the rows of :func:`read_preference_data` into ``PairExample`` (or ``UnpairedExample``) items."""
+    from tuneforge.data.preference import tokenize_pairs, tokenize_unpaired
+
+    tokenize = tokenize_unpaired if unpaired else tokenize_pairs
+    train = tokenize(read.train, template, tokenizer, config.data, read.reports[0])
+    validation = []
+    if read.validation:
+        validation = tokenize(read.validation, template, tokenizer, config.data, read.reports[1])
+    return PreparedData(train, validation, read.reports)

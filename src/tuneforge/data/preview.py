@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tuneforge.data.tokenize import Example
 from tuneforge.losses import IGNORE_INDEX
+
+if TYPE_CHECKING:  # preference imports the dataset stage; a preview needs only the dataclasses' fields
+    from tuneforge.data.preference import PairExample, UnpairedExample
 
 GREEN, RESET = "\033[32m", "\033[0m"
 OPEN, CLOSE = "[[", "]]"
@@ -30,3 +35,26 @@ def _mark(text: str, trained: bool, colour: bool) -> str:
     if not trained:
         return text
     return f"{GREEN}{text}{RESET}" if colour else f"{OPEN}{text}{CLOSE}"
+
+
+def _continuation(example: Example, start: int) -> Example:
+    return Example(example.input_ids[start:], example.labels[start:], row=example.row)
+
+
+def render_pair(pair: PairExample, tokenizer, colour: bool = False) -> str:
+    """A :class:`~tuneforge.data.preference.PairExample`: the shared prompt once, then the chosen and the
+    rejected continuation with their trained spans marked as in :func:`render_example`."""
+    prompt = tokenizer.decode(pair.chosen.input_ids[:pair.prompt_length])
+    chosen = render_example(_continuation(pair.chosen, pair.prompt_length), tokenizer, colour)
+    rejected = render_example(_continuation(pair.rejected, pair.prompt_length), tokenizer, colour)
+    # rstrip: the templates end with a newline; the labels below start their own lines.
+    return "\n".join([prompt.rstrip("\n"), "chosen:", chosen.rstrip("\n"), "rejected:", rejected.rstrip("\n")])
+
+
+def render_unpaired(example: UnpairedExample, tokenizer, colour: bool = False) -> str:
+    """A :class:`~tuneforge.data.preference.UnpairedExample`: its prompt, then its completion marked as in
+    :func:`render_example` under a desirable / undesirable heading."""
+    prompt = tokenizer.decode(example.example.input_ids[:example.prompt_length])
+    completion = render_example(_continuation(example.example, example.prompt_length), tokenizer, colour)
+    heading = "desirable:" if example.desirable else "undesirable:"
+    return "\n".join([prompt.rstrip("\n"), heading, completion.rstrip("\n")])

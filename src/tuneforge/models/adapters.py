@@ -9,10 +9,11 @@ import torch
 from tuneforge.config import LoraConfig
 
 
-def add_lora(model: torch.nn.Module, config: LoraConfig) -> torch.nn.Module:
+def add_lora(model: torch.nn.Module, config: LoraConfig, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
     """Wrap ``model`` with fresh LoRA adapters; only adapter weights (and biases by ``config.bias``) train.
 
-    ``all-linear`` targets every linear layer except the output head, as PEFT defines it.
+    ``all-linear`` targets every linear layer except the output head, as PEFT defines it. With ``task_type``
+    ``SEQ_CLS`` (a reward model) PEFT also trains and saves the new scalar head in full (``modules_to_save``).
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -20,7 +21,7 @@ def add_lora(model: torch.nn.Module, config: LoraConfig) -> torch.nn.Module:
     peft_config = PeftLoraConfig(
         r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, bias=config.bias,
         target_modules=config.target_modules, use_rslora=config.use_rslora, use_dora=config.use_dora,
-        task_type="CAUSAL_LM")
+        task_type=task_type)
     with warnings.catch_warnings():
         # PEFT calls transformers' deprecated is_gradient_checkpointing; the warning is not the user's concern.
         warnings.simplefilter("ignore", FutureWarning)
@@ -65,3 +66,9 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     lm = causal_lm(model)
     body = getattr(lm, lm.base_model_prefix)
     return body, lm.get_output_embeddings()
+
+
+def decoder_and_score(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The transformer body and the scalar ``score`` head of a reward model (``*ForSequenceClassification``)."""
+    lm = causal_lm(model)
+    return getattr(lm, lm.base_model_prefix), lm.score

@@ -16,7 +16,7 @@ import shutil
 import socket
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -183,6 +183,8 @@ class ModelSource:
         run: run directory metadata (``tuneforge_run.json``) when the source is a run.
         quantization: how to quantise the base while loading; for a LoRA run, what it was trained on, so
             generation sees the same base as training did.
+        merged_adapters: adapters of earlier runs that this run started from (a DPO run on top of a LoRA SFT
+            run, say), folded into the base in order before ``adapter`` is loaded.
     """
 
     base: str
@@ -190,6 +192,12 @@ class ModelSource:
     tokenizer: str | None = None
     run: dict | None = None
     quantization: Quantization | None = None
+    merged_adapters: list[str] = field(default_factory=list)
+
+    @property
+    def is_reward_model(self) -> bool:
+        """A reward-model run: a scalar-head model, loaded with ``head="reward"``."""
+        return bool(self.run) and self.run.get("method") == "reward"
 
 
 def resolve_model(spec: str) -> ModelSource:
@@ -208,8 +216,10 @@ def resolve_model(spec: str) -> ModelSource:
             run = json.loads((path / RUN_MARKER).read_text())
             if run["kind"] == "lora":
                 base = resolve_model(run["base_model"])
+                # A run trained on top of another LoRA run: that run's adapter is part of this run's base.
+                merged = base.merged_adapters + ([base.adapter] if base.adapter else [])
                 return ModelSource(base.base, adapter=str(path / "adapter"), tokenizer=str(path / "tokenizer"), run=run,
-                                   quantization=run_quantization(path))
+                                   quantization=run_quantization(path), merged_adapters=merged)
             return ModelSource(str(path / "model"), tokenizer=str(path / "model"), run=run)
         if (path / "config.json").is_file():
             return ModelSource(str(path), tokenizer=str(path))
@@ -273,24 +283,38 @@ def load_tokenizer(source: ModelSource):
 
 
 def load_model(source: ModelSource, dtype: str = "float32", attn_implementation: str = "sdpa",
-               trainable_adapter: bool = False, quantize: bool = True, device: torch.device | str | None = None):
+               trainable_adapter: bool = False, quantize: bool = True, device: torch.device | str | None = None,
+               head: str | None = None):
     """Load the base model, and the run's adapter on top when the source is a LoRA run.
 
     The base is quantized as ``source.quantization`` says unless ``quantize`` is False (merging wants the float
     base). A quantized base is placed on ``device`` while loading: bitsandbytes quantises on the way there, and
     moving a quantized model afterwards is not supported everywhere.
-    """
-    from transformers import AutoModelForCausalLM
 
+    ``head`` is ``lm`` (a causal LM) or ``reward`` (``AutoModelForSequenceClassification`` with one output: the
+    decoder plus a scalar ``score`` head, new when the source is a causal LM); None takes ``reward`` for a
+    reward-model run and ``lm`` otherwise.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    head = head or ("reward" if source.is_reward_model else "lm")
     extra = {}
+    if head == "reward":
+        extra["num_labels"] = 1
     if quantize and source.quantization is not None:
         extra["quantization_config"] = source.quantization.bnb_config()
         if device is not None:
             extra["device_map"] = {"": str(device)}
-    model = _from_pretrained(AutoModelForCausalLM, source.base, dtype=DTYPES[dtype],
-                             attn_implementation=attn_implementation, **extra)
-    if source.adapter:
+    loader = AutoModelForSequenceClassification if head == "reward" else AutoModelForCausalLM
+    model = _from_pretrained(loader, source.base, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
+                             **extra)
+    if source.merged_adapters or source.adapter:
         from peft import PeftModel
 
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # merging into a quantized base warns that it is approximate
+            for adapter in source.merged_adapters:
+                model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if source.adapter:
         model = PeftModel.from_pretrained(model, source.adapter, is_trainable=trainable_adapter)
     return model

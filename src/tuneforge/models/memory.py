@@ -19,6 +19,11 @@ a SwiGLU MLP of width I instead of a GELU MLP of 4h. Attention without a fused k
 also keeps the a·s scores per token (the 5·a·s/h term); flash / memory-efficient SDPA does not, which is the
 default here. LoRA dropout keeps one extra copy of each adapted layer's input. Under gradient checkpointing a
 layer keeps only its input (h per token) and one layer at a time holds its full activations during recompute.
+
+``device="cuda"`` counts live tensors (what ``torch.cuda.max_memory_allocated`` reports). ``device="cpu"``
+estimates the process's peak resident memory instead, which adds three measured effects (docs/memory.md):
+the Python process itself, heap blocks glibc keeps after LoRA's forward pass frees them, and, for QLoRA, the
+float checkpoint that stays memory-mapped.
 """
 
 from __future__ import annotations
@@ -44,7 +49,15 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # two 1-byte moments (its per-block scales are < 1%); plain SGD (no momentum) keeps none.
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "sgd": 0}
 ADAPTER_BYTES = 4  # PEFT keeps adapter weights in fp32 even over a 16-bit base (autocast_adapter_dtype)
+# QLoRA: PEFT's prepare_model_for_kbit_training (models/adapters.prepare_quantized) casts every parameter that
+# is not quantised (embeddings, norms, an untied head) to float32, whatever dtype the model was loaded in.
+QLORA_FLOAT_BYTES = 4
 DEFAULT_LOSS_CHUNK = 256  # train.loss_chunk_size's default
+DEVICES = ("cuda", "cpu")
+# CPU only: the resident memory of the Python process before any model exists, i.e. the peak RSS after importing
+# torch, transformers, peft and tuneforge.recipes.sft (391 MiB = 0.41 GB with torch 2.13 CPU and transformers
+# 5.24; docs/memory.md). On a GPU it is host memory, outside the device's budget.
+CPU_RUNTIME_BYTES = 0.41e9
 
 ACTIVATIONS_DOC = "per layer and token: 7h + 2·kv·head_dim + 4·intermediate elements (docs/memory.md)"
 
@@ -64,6 +77,7 @@ class ModelShape:
     head_dim: int | None = None
     attention_bias: bool = False
     mlp_bias: bool = False
+    checkpoint_dtype: str | None = None  # the dtype the weights are stored in (config.json's dtype), if known
 
     @property
     def dim(self) -> int:
@@ -102,9 +116,14 @@ def shape_from_config(config: dict, name: str) -> ModelShape:
             kv_heads=getattr(cfg, "num_key_value_heads", None) or heads, intermediate=cfg.intermediate_size,
             vocab=cfg.vocab_size, tied=bool(getattr(cfg, "tie_word_embeddings", True)),
             head_dim=getattr(cfg, "head_dim", None), attention_bias=bool(getattr(cfg, "attention_bias", False)),
-            mlp_bias=bool(getattr(cfg, "mlp_bias", False)))
+            mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+            checkpoint_dtype=_stored_dtype(config.get("dtype") or config.get("torch_dtype")))
     except AttributeError as error:
         raise UserError(f"{name}: not a Llama-style decoder config ({error})") from None
+
+
+def _stored_dtype(value) -> str | None:
+    return value if value in DTYPE_BYTES else None
 
 
 def resolve_shape(spec: str) -> ModelShape:
@@ -164,7 +183,10 @@ def lora_parameters(shape: ModelShape, r: int) -> int:
 
 @dataclass
 class Estimate:
-    """Bytes by term; ``total`` is their sum (an upper bound on the peak: all terms coexist in backward)."""
+    """Bytes by term; ``total`` is their sum (an upper bound on the peak: all terms coexist in backward).
+
+    ``runtime``, ``heap_retention`` and ``mapped_checkpoint`` are zero unless ``device`` is ``cpu``.
+    """
 
     weights: float
     gradients: float
@@ -176,6 +198,10 @@ class Estimate:
     parameters: int
     trained_parameters: int
     notes: list[str]
+    runtime: float = 0.0
+    heap_retention: float = 0.0
+    mapped_checkpoint: float = 0.0
+    device: str = "cuda"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -194,33 +220,74 @@ def activation_bytes(shape: ModelShape, seq_len: int, batch: int, dtype: str = "
     layer = tokens * per_token * unit
     final_norm = 2 * tokens * h * unit
     if grad_checkpointing:
+        # Each layer keeps its input; backward recomputes one layer at a time, which then holds all of its own.
         return shape.layers * tokens * h * unit + layer + final_norm
     return shape.layers * layer + final_norm
+
+
+def loss_bytes(shape: ModelShape, tokens: int, loss_chunk: int, head_trains: bool) -> float:
+    """The chunked output head and loss (losses.linear_cross_entropy_sum).
+
+    One chunk of float32 logits at a time plus a second chunk-sized buffer (logsumexp's exponentials, then the
+    logits' gradient written in place): 2 x chunk x vocab x 4 bytes. When the head trains (full fine-tuning),
+    its weight gradient is accumulated from the forward pass on in a float32 (vocab, hidden) buffer that lives
+    until backward, on top of the parameter's own gradient.
+    """
+    chunk = min(loss_chunk, tokens) * shape.vocab * 4 * 2
+    return chunk + (shape.vocab * shape.hidden * 4 if head_trains else 0)
+
+
+def heap_retention_bytes(shape: ModelShape, seq_len: int, batch: int, dtype: str, flash: bool,
+                         lora_dropout: bool) -> float:
+    """CPU, LoRA and QLoRA: heap blocks glibc keeps after the forward pass frees them (docs/memory.md).
+
+    torch's CPU allocator takes 64-byte-aligned blocks from glibc, whose memalign path can leave them unusable
+    for the next request of the same size. In a LoRA forward pass the heap then grows layer after layer although
+    each layer's temporaries are freed: on the 135M default at 4 x ~196 tokens the resident peak carried 1.15
+    to 1.55 GB of free heap, with or without checkpointing, against 1.48 GB for one layer's activations per
+    layer, which is the figure counted here. Full fine-tuning retained a seventh to a third of that; it is not
+    counted.
+    """
+    return activation_bytes(shape, seq_len, batch, dtype, grad_checkpointing=False, flash=flash,
+                            lora_dropout=lora_dropout)
 
 
 def estimate(shape: ModelShape, method: str = "full", seq_len: int = 512, batch: int = 1, lora_r: int = 16,
              grad_checkpointing: bool = False, optimizer: str = "adamw", world_size: int = 1, fsdp: bool = False,
              dtype: str = "float32", activations_gb: float | None = None, loss_chunk: int = DEFAULT_LOSS_CHUNK,
-             lora_dropout: bool = True, flash: bool = True) -> Estimate:
+             lora_dropout: bool = True, flash: bool = True, device: str = "cuda") -> Estimate:
     """Memory of one training process (one GPU under DDP/FSDP).
 
     Args:
-        method: ``full``, ``lora`` or ``qlora`` (NF4 base with double quantisation, 16-bit embeddings and norms).
-        dtype: weight and activation dtype of the base model.
+        method: ``full``, ``lora`` or ``qlora`` (NF4 base with double quantisation; float32 embeddings and norms).
+        dtype: weight and activation dtype of the base model; for ``qlora`` the compute dtype, which sets the
+            activations (``model.compute_dtype``, float32 by default).
         world_size, fsdp: FSDP shards weights, gradients and optimiser states by ``world_size``; DDP
             (``fsdp=False``) keeps a full copy on every process.
         activations_gb: replace the activation formula by this figure (GB).
         loss_chunk: ``train.loss_chunk_size``: the head and loss run on this many tokens at a time.
+        device: ``cuda`` counts live tensors (``max_memory_allocated``); ``cpu`` estimates the peak resident
+            memory of the process, adding the runtime, heap-retention and mapped-checkpoint terms.
     """
+    if device not in DEVICES:
+        raise UserError(f"device '{device}' is not one of {', '.join(DEVICES)}")
     counts = parameter_counts(shape)
     n = counts["total"]
     wbytes = DTYPE_BYTES[dtype]
     shard = world_size if fsdp else 1
     notes = []
+    mapped = 0.0
     if method == "qlora":
         quantised = counts["attention"] + counts["mlp"]
-        weights = quantised * NF4_BYTES_PER_PARAM + (n - quantised) * 2
-        notes.append(f"qlora: linear layers NF4 at {NF4_BYTES_PER_PARAM:.4f} bytes/param, the rest 16-bit")
+        weights = quantised * NF4_BYTES_PER_PARAM + (n - quantised) * QLORA_FLOAT_BYTES
+        notes.append(f"qlora: linear layers NF4 at {NF4_BYTES_PER_PARAM:.4f} bytes/param, the rest float32")
+        if device == "cpu" and (shape.checkpoint_dtype or "float32") == "float32":
+            # The float32 embeddings and norms are views into the memory-mapped float32 checkpoint, which keeps
+            # the whole mapping alive; quantisation read every page of it, so the linear layers' float weights
+            # stay resident next to their NF4 copies. An unknown checkpoint dtype (the built-in names) is taken
+            # to be tuneforge's float32 import; a 16-bit one is converted while loading and not kept mapped.
+            mapped = quantised * DTYPE_BYTES["float32"]
+            notes.append("cpu: the float32 checkpoint stays mapped (its linear weights count as mapped_checkpoint)")
     else:
         weights = n * wbytes
     trained = n if method == "full" else lora_parameters(shape, lora_r)
@@ -229,27 +296,36 @@ def estimate(shape: ModelShape, method: str = "full", seq_len: int = 512, batch:
     else:
         gradients = optim = 0.0
         adapters = trained * (2 * ADAPTER_BYTES + OPTIMIZER_BYTES[optimizer])
+    dropout = lora_dropout and method != "full"
     if activations_gb is not None:
         activations = activations_gb * GB
         notes.append("activations: given by --activations-gb")
     else:
-        activations = activation_bytes(shape, seq_len, batch, "bfloat16" if method == "qlora" else dtype,
-                                       grad_checkpointing, flash, lora_dropout and method != "full")
+        activations = activation_bytes(shape, seq_len, batch, dtype, grad_checkpointing, flash, dropout)
         notes.append("activations: " + ACTIVATIONS_DOC)
-    # The head runs on loss_chunk tokens at a time: fp32 logits plus their softmax / gradient (x2).
-    logits = min(loss_chunk, seq_len * batch) * shape.vocab * 4 * 2
+    logits = loss_bytes(shape, seq_len * batch, loss_chunk, head_trains=method == "full")
+    runtime = heap = 0.0
+    if device == "cpu":
+        runtime = CPU_RUNTIME_BYTES
+        if method != "full":
+            heap = heap_retention_bytes(shape, seq_len, batch, dtype, flash, dropout)
+            notes.append("cpu: heap_retention = freed blocks glibc keeps after the forward pass (docs/memory.md)")
     weights, gradients, optim, adapters = (x / shard for x in (weights, gradients, optim, adapters))
-    total = weights + gradients + optim + activations + logits + adapters
-    return Estimate(weights, gradients, optim, activations, logits, adapters, total, n, trained, notes)
+    total = weights + gradients + optim + activations + logits + adapters + runtime + heap + mapped
+    return Estimate(weights, gradients, optim, activations, logits, adapters, total, n, trained, notes,
+                    runtime, heap, mapped, device)
 
 
 def format_estimate(shape: ModelShape, result: Estimate, header: str) -> str:
     """The human-readable breakdown printed by ``tuneforge estimate``."""
     lines = [header, f"parameters: {result.parameters:,} (trained: {result.trained_parameters:,})"]
-    for key in ("weights", "gradients", "optimizer", "activations", "logits", "adapters"):
-        lines.append(f"  {key:<12} {getattr(result, key) / GB:9.3f} GB")
-    lines.append(f"  {'total':<12} {result.total / GB:9.3f} GB   (1 GB = 1e9 bytes; add ~0.4 GB for the "
-                 "Python/torch process on CPU)")
+    keys = ["weights", "gradients", "optimizer", "activations", "logits", "adapters"]
+    if result.device == "cpu":
+        keys += ["runtime", "heap_retention", "mapped_checkpoint"]
+    for key in keys:
+        lines.append(f"  {key:<17} {getattr(result, key) / GB:9.3f} GB")
+    where = "peak resident memory of the process" if result.device == "cpu" else "live tensors on the GPU"
+    lines.append(f"  {'total':<17} {result.total / GB:9.3f} GB   (1 GB = 1e9 bytes; {where})")
     lines += [f"note: {note}" for note in result.notes]
     return "\n".join(lines)
 

@@ -74,6 +74,10 @@ class SFTRecipe:
         force: resume even when the config changes what is trained.
     """
 
+    # The kind of model the method trains: a causal LM (``lm``) or a scalar-head reward model (``reward``).
+    model_head = "lm"
+    lora_task_type = "CAUSAL_LM"
+
     def __init__(self, config: RunConfig, overwrite: bool = False, log=print, show_progress: bool | None = None,
                  run_dir: bool = True, resume: bool | str = False, force: bool = False):
         self.config = config
@@ -118,11 +122,11 @@ class SFTRecipe:
             check_run_dir(output, self.overwrite)  # fail in a second, before data and model are loaded
         seed_everything(config.train.seed)
         # Data first: every row is validated before the model is even looked up.
-        read = read_data(config)
+        read = self._read_data()
         source = resolve_model(config.model.name_or_path)
         self.tokenizer = load_tokenizer(source)
         self.template = load_template(config.data.template, self.tokenizer)
-        self.data = tokenize_data(read, config, self.tokenizer, self.template)
+        self.data = self._tokenize_data(read)
         for report in self.data.reports:
             for line in report.lines():
                 self.log(line)
@@ -132,6 +136,7 @@ class SFTRecipe:
         self.bf16 = bf16_autocast_enabled(config.train.mixed_precision, self.device)
         self.model = self._build_model(source)
         self.wrapped = wrap_model(self.model, self._loss_sum, self.dist, config.distributed)
+        self._after_model_built(resume_from, branching)
 
         self.state.world_size = self.dist.world_size
         # The data order is owned by this generator, seeded from the run's seed (the same on every rank).
@@ -168,13 +173,39 @@ class SFTRecipe:
                 self.run_dir = output
         barrier(self.dist)
 
+    # Hooks a method's recipe overrides: where its rows come from, how they batch, what its loss is.
+    def _read_data(self):
+        """Read and validate every row (no tokenizer needed), so bad data fails before the model loads."""
+        return read_data(self.config)
+
+    def _tokenize_data(self, read):
+        return tokenize_data(read, self.config, self.tokenizer, self.template)
+
+    def _after_model_built(self, resume_from: Path | None, branching: bool) -> None:
+        """Called once the model is built and wrapped, before the optimiser and any checkpoint are loaded."""
+
+    def _sequence_shape(self) -> tuple[int, int]:
+        """(sequences per micro-batch, longest sequence) of the training data, for the memory estimate."""
+        longest = max(len(example.input_ids) for example in self.data.train)
+        if self.config.data.packing:
+            longest = self.config.data.max_length
+        return self.config.train.batch_size, longest
+
+    def _window_tokens(self, window: list) -> int:
+        """Tokens (padding excluded) of an optimiser step over all ranks, for throughput."""
+        return sum(batch.global_tokens for batch in window)
+
+    def _step_metrics(self) -> dict:
+        """Extra numbers of the last optimiser step to log besides loss, lr and gradient norm."""
+        return {}
+
     def _build_model(self, source) -> torch.nn.Module:
         config = self.config
         # The config, not a run the model starts from, decides the quantization of the base being trained.
         quantization = Quantization.from_model_config(config.model)
         source = dataclasses.replace(source, quantization=quantization)
         model = load_model(source, config.model.dtype, config.model.attn_implementation,
-                           trainable_adapter=config.lora.enabled, device=self.device)
+                           trainable_adapter=config.lora.enabled, device=self.device, head=self.model_head)
         if quantization is not None:
             # Before the adapters: freezes the base, upcasts norms and embeddings to float32 (PEFT's QLoRA recipe).
             model = prepare_quantized(model, config.train.gradient_checkpointing)
@@ -182,7 +213,7 @@ class SFTRecipe:
             # Full fine-tuning from a LoRA run: fold the adapter into the weights, then train all of them.
             model = model.merge_and_unload()
         if source.adapter is None and config.lora.enabled:
-            model = add_lora(model, config.lora)
+            model = add_lora(model, config.lora, task_type=self.lora_task_type)
         elif not config.lora.enabled:
             model.requires_grad_(True)
         if config.lora.enabled:
@@ -216,16 +247,15 @@ class SFTRecipe:
             return
         shape = shape_from_config(json.loads(config_file.read_text()), config.model.name_or_path)
         method = "full" if not config.lora.enabled else "qlora" if config.model.load_in == "4bit" else "lora"
-        longest = max(len(example.input_ids) for example in self.data.train)
-        if config.data.packing:
-            longest = config.data.max_length
-        result = estimate_memory(shape, method, seq_len=longest, batch=config.train.batch_size, lora_r=config.lora.r,
+        rows, longest = self._sequence_shape()
+        result = estimate_memory(shape, method, seq_len=longest, batch=rows, lora_r=config.lora.r,
                                  grad_checkpointing=config.train.gradient_checkpointing,
                                  world_size=self.dist.world_size, fsdp=config.distributed.strategy == "fsdp",
-                                 dtype=config.model.dtype, loss_chunk=config.train.loss_chunk_size,
-                                 lora_dropout=config.lora.dropout > 0)
+                                 dtype=config.model.compute_dtype if method == "qlora" else config.model.dtype,
+                                 loss_chunk=config.train.loss_chunk_size, lora_dropout=config.lora.dropout > 0,
+                                 device="cpu" if self.device.type == "cpu" else "cuda")
         available = device_memory_bytes(self.device)
-        self.log(f"memory estimate ({method}, longest batch {config.train.batch_size} x {longest} tokens): "
+        self.log(f"memory estimate ({method}, longest batch {rows} x {longest} tokens): "
                  f"{result.total / GB:.2f} GB per process (weights {result.weights / GB:.2f}, activations "
                  f"{result.activations / GB:.2f}, optimiser {(result.optimizer + result.adapters) / GB:.2f}); "
                  f"device has {available / GB:.1f} GB")
@@ -364,7 +394,7 @@ class SFTRecipe:
             loss, grad_norm = self.train_step(window)
             state.step += 1
             state.epoch_position += 1
-            step_tokens = sum(batch.global_tokens for batch in window)
+            step_tokens = self._window_tokens(window)
             state.tokens += step_tokens
             interval_tokens += step_tokens
             self._losses_since_eval.append(to_float(loss))
@@ -374,7 +404,7 @@ class SFTRecipe:
                 record = {"step": state.step, "epoch": state.epoch, "loss": self._losses_since_eval[-1], "lr": lr,
                           "grad_norm": to_float(grad_norm), "tokens": state.tokens,
                           "tokens_per_s": interval_tokens / max(now - interval_start, 1e-9),
-                          "elapsed_s": now - self._clock_start}
+                          "elapsed_s": now - self._clock_start, **self._step_metrics()}
                 interval_tokens, interval_start = 0, now
                 self.history.append(record)
                 metrics.log(record)
@@ -467,7 +497,7 @@ class SFTRecipe:
             summary["signal"] = signal_name
         last_eval = state.evaluations[-1] if state.evaluations else None
         if last_eval is not None:
-            summary.update(val_loss=last_eval["val_loss"], val_perplexity=last_eval["val_perplexity"])
+            summary.update({key: value for key, value in last_eval.items() if key.startswith("val_")})
         return summary
 
     # ------------------------------------------------------------------------------------------------ save
@@ -497,12 +527,18 @@ class SFTRecipe:
         return self.run_dir
 
 
-def run_sft(config: RunConfig, overwrite: bool = False, log=print, resume: bool | str = False,
-            force: bool = False) -> dict:
-    recipe = SFTRecipe(config, overwrite=overwrite, log=log, resume=resume, force=force)
+def run_recipe_class(recipe_class: type, config: RunConfig, overwrite: bool = False, log=print,
+                     resume: bool | str = False, force: bool = False) -> dict:
+    """setup, train, and save unless interrupted; returns the run's summary."""
+    recipe = recipe_class(config, overwrite=overwrite, log=log, resume=resume, force=force)
     recipe.setup()
     summary = recipe.train()
     if summary["stop_reason"] != "interrupted":
         recipe.save(summary)
     summary["run_dir"] = str(recipe.run_dir)
     return summary
+
+
+def run_sft(config: RunConfig, overwrite: bool = False, log=print, resume: bool | str = False,
+            force: bool = False) -> dict:
+    return run_recipe_class(SFTRecipe, config, overwrite=overwrite, log=log, resume=resume, force=force)

@@ -1,0 +1,74 @@
+"""Score conversations with a trained reward model: ``tuneforge score``, evaluation, and online RL reward.
+
+Conversations are rendered and tokenised exactly as in reward-model training (the run's own template), and the
+score is read at the last real token of each, as in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tuneforge.data.collate import collate_padded
+from tuneforge.data.formats import Conversation
+from tuneforge.data.templates import Template, load_template, template_from_dict
+from tuneforge.data.tokenize import Example, encode_conversation
+from tuneforge.engine.step import pick_device
+from tuneforge.errors import UserError
+from tuneforge.models.loading import load_model, load_tokenizer, resolve_model
+from tuneforge.models.reward import reward_scores
+
+
+@dataclass
+class RewardScorer:
+    """A reward model with its tokenizer and template."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    template: Template
+    device: torch.device
+    max_length: int = 1024
+
+    @classmethod
+    def load(cls, spec: str, template: str | None = None, dtype: str = "float32",
+             max_length: int = 1024) -> "RewardScorer":
+        """``spec``: a reward-model run directory (``method: reward``), or a folder with a sequence-classification
+        model of one output."""
+        source = resolve_model(spec)
+        if source.run is not None and not source.is_reward_model:
+            raise UserError(f"{spec} is a {source.run.get('method', 'sft')} run, not a reward model; train one with "
+                            "method: reward")
+        tokenizer = load_tokenizer(source)
+        if template is None and source.run is not None:
+            chosen = template_from_dict(source.run["template"], tokenizer)
+        else:
+            chosen = load_template(template or "auto", tokenizer)
+        device = pick_device()
+        model = load_model(source, dtype, device=device, head="reward")
+        if source.quantization is None:
+            model = model.to(device)
+        model.eval()
+        return cls(model, tokenizer, chosen, device, max_length)
+
+    def encode(self, conversation: Conversation) -> Example:
+        """Token ids of a whole conversation; a longer one keeps its *last* ``max_length`` tokens, because the
+        score is read at the end."""
+        example = encode_conversation(conversation, self.template, self.tokenizer, max_length=10**9)
+        if len(example.input_ids) > self.max_length:
+            example = Example(example.input_ids[-self.max_length:], example.labels[-self.max_length:],
+                              truncated=True, row=example.row)
+        return example
+
+    @torch.no_grad()
+    def score(self, conversations: list[Conversation], batch_size: int = 8) -> list[float]:
+        """One scalar per conversation, in order."""
+        scores: list[float] = []
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(conversations), batch_size):
+            examples = [self.encode(c) for c in conversations[start:start + batch_size]]
+            batch = collate_padded(examples, pad)
+            values = reward_scores(self.model, batch.input_ids.to(self.device), batch.attention_mask.to(self.device),
+                                   batch.position_ids.to(self.device))
+            scores += values.cpu().tolist()
+        return scores

@@ -1,0 +1,26 @@
+"""One recipe per training method; :func:`run_recipe` picks it from ``config.method``."""
+
+from __future__ import annotations
+
+
+def recipe_for(method: str) -> type:
+    """The recipe class of a ``method`` (imported lazily: each pulls in torch and transformers)."""
+    if method == "sft":
+        from tuneforge.recipes.sft import SFTRecipe
+
+        return SFTRecipe
+    if method == "reward":
+        from tuneforge.recipes.reward import RewardRecipe
+
+        return RewardRecipe
+    from tuneforge.recipes.preference import PreferenceRecipe
+
+    return PreferenceRecipe
+
+
+def run_recipe(config, overwrite: bool = False, log=print, resume: bool | str = False, force: bool = False) -> dict:
+    """Train ``config`` with the recipe of its method; returns the run's summary."""
+    from tuneforge.recipes.sft import run_recipe_class
+
+    return run_recipe_class(recipe_for(config.method), config, overwrite=overwrite, log=log, resume=resume,
+                            force=force)
