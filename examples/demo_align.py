@@ -23,7 +23,7 @@ from tuneforge.recipes import run_recipe
 from tuneforge.recipes.sft import run_sft
 
 HERE = Path(__file__).parent
-SHOWN = 2  # generations printed before and after
+SHOWN = 2  # generations printed before and after (those that changed length the most)
 MAX_NEW_TOKENS = 96
 
 
@@ -63,7 +63,9 @@ def main(overrides: list[str]) -> int:
     print(f"{'mean implicit reward margin (chosen - rejected)':<52}{0.0:>10.3f}{summary['val_reward_margin']:>10.3f}")
     print(f"{'mean answer length on held-out prompts (words)':<52}{words_before:>10.1f}{words_after:>10.1f}")
     print()
-    for prompt, old, new in list(zip(prompts, before, after))[:SHOWN]:
+    # The held-out prompts whose answers changed length the most.
+    changed = sorted(zip(prompts, before, after), key=lambda t: len(t[2].split()) - len(t[1].split()))
+    for prompt, old, new in changed[:SHOWN]:
         print(f"Q: {prompt}\n  before: {old}\n  after:  {new}")
     print()
     run_dir = summary["run_dir"]
