@@ -1,0 +1,28 @@
+"""The numerics every method shares, one module per family; import them from here.
+
+- ``tokens``: masked next-token loss with a chunked output head, token and sequence log-probs from hidden
+  states, the last real token of each row;
+- ``preference``: DPO and its variants, SimPO, ORPO, KTO, Bradley-Terry (reward models);
+- ``rl``: PPO, GRPO and RLOO (advantages, clipped objectives, KL estimators).
+"""
+
+from tuneforge.losses.preference import (DPO_LOSS_TYPES, KTOLoss, PreferenceLoss, bradley_terry_loss, dpo_loss,
+                                         kto_loss, log_odds, orpo_odds_ratio_loss, response_lengths,
+                                         sequence_logprobs, simpo_loss)
+from tuneforge.losses.rl import (GROUP_ADVANTAGE_METHODS, GROUP_STD_EPS, GRPO_NORMALISATIONS, KL_ESTIMATORS,
+                                 WHITEN_EPS, RLStats, gae_advantages, group_advantages, grpo_loss, masked_mean,
+                                 masked_whiten, per_token_kl, ppo_policy_loss, ppo_rewards, ppo_value_loss)
+from tuneforge.losses.tokens import (IGNORE_INDEX, SequenceLogprobs, count_trained, gather_last, last_token_index,
+                                     linear_cross_entropy_sum, linear_token_logprobs, masked_lm_loss_sum,
+                                     reference_lm_loss_sum, sequence_logprobs_from_hidden, token_logprobs)
+
+__all__ = [
+    "DPO_LOSS_TYPES", "KTOLoss", "PreferenceLoss", "bradley_terry_loss", "dpo_loss", "kto_loss", "log_odds",
+    "orpo_odds_ratio_loss", "response_lengths", "sequence_logprobs", "simpo_loss",
+    "GROUP_ADVANTAGE_METHODS", "GROUP_STD_EPS", "GRPO_NORMALISATIONS", "KL_ESTIMATORS", "WHITEN_EPS", "RLStats",
+    "gae_advantages", "group_advantages", "grpo_loss", "masked_mean", "masked_whiten", "per_token_kl",
+    "ppo_policy_loss", "ppo_rewards", "ppo_value_loss",
+    "IGNORE_INDEX", "SequenceLogprobs", "count_trained", "gather_last", "last_token_index",
+    "linear_cross_entropy_sum", "linear_token_logprobs", "masked_lm_loss_sum", "reference_lm_loss_sum",
+    "sequence_logprobs_from_hidden", "token_logprobs",
+]
