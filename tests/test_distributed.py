@@ -114,3 +114,36 @@ def test_resume_with_another_number_of_processes_is_refused(make_config, qa_file
     with pytest.raises(UserError, match="trained with 1 process.* this run has 2"):
         sft.run_sft(make_config(qa_file, train={"max_steps": 3}, save={"every": 1}), log=lambda m: None,
                     resume=True)
+
+
+@pytest.mark.parametrize("method,strategy", [("dpo", "ddp"), ("dpo", "fsdp"), ("kto", "ddp")])
+def test_preference_two_ranks_match_one_process(tiny_model_dir, tmp_path, method, strategy):
+    """DPO (adapter-disabled reference inside the wrapped forward) and KTO (KL estimate all-reduced across
+    ranks): 2 ranks x batch 2 == 1 process x batch 4, including a short last batch (a placeholder pair)."""
+    from conftest import write_jsonl
+
+    if method == "kto":
+        rows = [{"prompt": f"Is item {i} red?", "completion": "Yes." if i % 3 else "Who knows, maybe.",
+                 "label": bool(i % 3)} for i in range(13)]
+    else:
+        rows = [{"prompt": f"What colour is item {i}?", "chosen": f"Item {i} is red.",
+                 "rejected": f"Well, item {i} might be some colour or other."} for i in range(13)]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    config = {
+        "method": method,
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"train": str(data), "max_length": 64, "val_fraction": 0.2},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"epochs": 2, "batch_size": 4, "lr": 1e-2, "log_every": 1, "seed": 0, "mixed_precision": "no"},
+    }
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    _train(config_file, single, 1)
+    _train(config_file, multi, 2, "train.batch_size=2", f"distributed.strategy={strategy}")
+    want, got = _losses(single), _losses(multi)
+    assert len(got) == len(want) and len(want) >= 6
+    assert got == pytest.approx(want, rel=TOLERANCE, abs=TOLERANCE)
+    reference, trained = _weights(single, True), _weights(multi, True)
+    for name, value in reference.items():
+        torch.testing.assert_close(trained[name], value, rtol=TOLERANCE, atol=TOLERANCE)
