@@ -116,10 +116,12 @@ def test_resume_with_another_number_of_processes_is_refused(make_config, qa_file
                     resume=True)
 
 
-@pytest.mark.parametrize("method,strategy", [("dpo", "ddp"), ("dpo", "fsdp"), ("kto", "ddp")])
-def test_preference_two_ranks_match_one_process(tiny_model_dir, tmp_path, method, strategy):
-    """DPO (adapter-disabled reference inside the wrapped forward) and KTO (KL estimate all-reduced across
-    ranks): 2 ranks x batch 2 == 1 process x batch 4, including a short last batch (a placeholder pair)."""
+@pytest.mark.parametrize("method,strategy,lora,precompute", [
+    ("dpo", "ddp", True, False), ("dpo", "fsdp", True, False), ("dpo", "fsdp", False, True), ("kto", "ddp", True, False)])
+def test_preference_two_ranks_match_one_process(tiny_model_dir, tmp_path, method, strategy, lora, precompute):
+    """DPO (adapter-disabled reference inside the wrapped forward; or, fully fine-tuned under FSDP, reference
+    log-probs precomputed before sharding) and KTO (KL estimate all-reduced across ranks): 2 ranks x batch 2 ==
+    1 process x batch 4, including a short last batch (a placeholder pair)."""
     from conftest import write_jsonl
 
     if method == "kto":
@@ -133,8 +135,10 @@ def test_preference_two_ranks_match_one_process(tiny_model_dir, tmp_path, method
         "method": method,
         "model": {"name_or_path": str(tiny_model_dir)},
         "data": {"train": str(data), "max_length": 64, "val_fraction": 0.2},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"epochs": 2, "batch_size": 4, "lr": 1e-2, "log_every": 1, "seed": 0, "mixed_precision": "no"},
+        "lora": {"enabled": lora, "r": 4, "alpha": 8, "dropout": 0.0},
+        "dpo": {"precompute_ref": precompute},
+        "train": {"epochs": 2, "batch_size": 4, "lr": 1e-2 if lora else 1e-3, "log_every": 1, "seed": 0,
+                  "mixed_precision": "no"},
     }
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
@@ -144,6 +148,6 @@ def test_preference_two_ranks_match_one_process(tiny_model_dir, tmp_path, method
     want, got = _losses(single), _losses(multi)
     assert len(got) == len(want) and len(want) >= 6
     assert got == pytest.approx(want, rel=TOLERANCE, abs=TOLERANCE)
-    reference, trained = _weights(single, True), _weights(multi, True)
+    reference, trained = _weights(single, lora), _weights(multi, lora)
     for name, value in reference.items():
         torch.testing.assert_close(trained[name], value, rtol=TOLERANCE, atol=TOLERANCE)

@@ -131,8 +131,10 @@ class PreferenceRecipe(SFTRecipe):
                                          adapter=None)
         return super()._build_model(source)
 
-    def _after_model_built(self, resume_from, branching) -> None:
-        """Set up the reference, before any checkpoint is loaded: the model here is still the starting point."""
+    def _before_wrap(self) -> None:
+        """Set up the reference while the model is still the starting one (no checkpoint loaded) and whole (not yet
+        sharded by FSDP). With several processes every rank precomputes every example: simple, and a forward-only
+        pass over the data."""
         if not self.uses_reference:
             return
         if self.config.lora.enabled and not is_peft(self.model):

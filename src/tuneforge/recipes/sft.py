@@ -135,8 +135,8 @@ class SFTRecipe:
         self._log_memory_estimate(source)
         self.bf16 = bf16_autocast_enabled(config.train.mixed_precision, self.device)
         self.model = self._build_model(source)
+        self._before_wrap()
         self.wrapped = wrap_model(self.model, self._loss_sum, self.dist, config.distributed)
-        self._after_model_built(resume_from, branching)
 
         self.state.world_size = self.dist.world_size
         # The data order is owned by this generator, seeded from the run's seed (the same on every rank).
@@ -181,8 +181,9 @@ class SFTRecipe:
     def _tokenize_data(self, read):
         return tokenize_data(read, self.config, self.tokenizer, self.template)
 
-    def _after_model_built(self, resume_from: Path | None, branching: bool) -> None:
-        """Called once the model is built and wrapped, before the optimiser and any checkpoint are loaded."""
+    def _before_wrap(self) -> None:
+        """Called once the model is built, before it is wrapped for DDP / FSDP (so it is whole on every rank) and
+        before the optimiser and any checkpoint are loaded (so it is still the starting model)."""
 
     def _sequence_shape(self) -> tuple[int, int]:
         """(sequences per micro-batch, longest sequence) of the training data, for the memory estimate."""
