@@ -311,7 +311,42 @@ class RewardConfig:
     center_coefficient: float = 0.0
 
 
-METHODS = ("sft", "reward", "dpo", "simpo", "orpo", "kto")
+@dataclass
+class GRPOConfig:
+    """``method: grpo | rloo``: critic-free online RL; G responses are sampled per prompt, scored by reward
+    functions, and each is reinforced by its advantage over the others of its group.
+
+    Attributes:
+        num_generations: G >= 2, responses sampled per prompt (the group); default 4.
+        max_new_tokens: longest response sampled, in tokens; default 64.
+        temperature: sampling temperature (> 0); default 1.0.
+        top_p: nucleus sampling mass in (0, 1]; default 1.0 (off).
+        beta: KL coefficient to the reference (the model with the adapter off; k3 estimate); 0 disables;
+            default 0.04.
+        clip_range: PPO clipping eps of the ratio; with one update per rollout the ratio is 1, so it only
+            matters for later multi-update steps; default 0.2.
+        normalisation: ``token`` (every response token of the step weighs the same, DAPO) or ``sequence``
+            (mean per response, then over responses, GRPO's eq. 3); default ``token``.
+        scale_by_std: GRPO only: divide each group's centred rewards by its std (False: Dr. GRPO); RLOO never
+            scales; default True.
+        reward_functions: ``"module:function"`` or ``"path/to/file.py:function"`` specs of
+            ``fn(prompt, response, row) -> float`` (see ``tuneforge.eval.functions``); required, non-empty.
+        reward_weights: one weight per reward function (default 1.0 each); the reward is the weighted sum.
+    """
+
+    num_generations: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.04
+    clip_range: float = 0.2
+    normalisation: Literal["token", "sequence"] = "token"
+    scale_by_std: bool = True
+    reward_functions: list = field(default_factory=list)
+    reward_weights: Optional[list] = None
+
+
+METHODS = ("sft", "reward", "dpo", "simpo", "orpo", "kto", "grpo", "rloo")
 
 
 @dataclass
@@ -319,11 +354,11 @@ class RunConfig:
     """A whole run: the method and its sections.
 
     ``method`` picks the recipe: ``sft`` (instruction tuning), ``reward`` (Bradley-Terry reward model), ``dpo``
-    (with ``dpo.loss`` choosing DPO, IPO, cDPO, rDPO or hinge), ``simpo``, ``orpo`` (pairs) or ``kto`` (unpaired
-    rows). Each method reads its own section; the others are ignored.
+    (with ``dpo.loss`` choosing DPO, IPO, cDPO, rDPO or hinge), ``simpo``, ``orpo`` (pairs), ``kto`` (unpaired
+    rows), or ``grpo`` / ``rloo`` (online RL from prompts and reward functions). Each method reads its own section; the others are ignored.
     """
 
-    method: Literal["sft", "reward", "dpo", "simpo", "orpo", "kto"] = "sft"
+    method: Literal["sft", "reward", "dpo", "simpo", "orpo", "kto", "grpo", "rloo"] = "sft"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -337,6 +372,7 @@ class RunConfig:
     orpo: ORPOConfig = field(default_factory=ORPOConfig)
     kto: KTOConfig = field(default_factory=KTOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -373,6 +409,12 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "kto.desirable_weight": (0.0, None),
     "kto.undesirable_weight": (0.0, None),
     "reward.center_coefficient": (0.0, None),
+    "grpo.num_generations": (2, None),
+    "grpo.max_new_tokens": (1, None),
+    "grpo.temperature": (1e-6, None),
+    "grpo.top_p": (1e-6, 1.0),
+    "grpo.beta": (0.0, None),
+    "grpo.clip_range": (1e-6, None),
 }
 
 
@@ -499,6 +541,28 @@ def _check_method(config: RunConfig) -> None:
                           "log-prob per sequence); packing is for sft only")
     if config.method != "sft" and config.data.train_on_prompt:
         raise ConfigError(f"data.train_on_prompt: method {config.method} scores the responses only")
+    if config.method in ("grpo", "rloo"):
+        _check_grpo(config)
+
+
+def _check_grpo(config: RunConfig) -> None:
+    section = config.grpo
+    functions = section.reward_functions
+    if not functions:
+        raise ConfigError(f"grpo.reward_functions: method {config.method} needs at least one reward function, "
+                          "e.g. ['tuneforge.eval.functions:exact_answer'] or ['rewards.py:my_reward']")
+    if not all(isinstance(spec, str) and ":" in spec for spec in functions):
+        raise ConfigError(f"grpo.reward_functions: expected 'module:function' or 'file.py:function' strings, got "
+                          f"{functions!r}")
+    weights = section.reward_weights
+    if weights is not None:
+        if len(weights) != len(functions) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+            raise ConfigError(f"grpo.reward_weights: expected {len(functions)} finite number(s), one per reward "
+                              f"function, got {weights!r}")
+    if not config.lora.enabled:
+        raise ConfigError(f"lora.enabled: method {config.method} needs LoRA for now (the reference is the model "
+                          "with its adapter off; a frozen full copy is not implemented yet); set lora.enabled=true")
 
 
 def _is_template_path(spec: str) -> bool:
@@ -607,6 +671,10 @@ def describe_options() -> str:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            kind = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+            hint = hints[f.name]
+            if get_origin(hint) is Literal:
+                kind = " | ".join(str(choice) for choice in get_args(hint))
+            else:
+                kind = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
             lines.append(f"  {section.name}.{f.name} ({kind}) = {default!r}")
     return "\n".join(lines)
