@@ -54,6 +54,8 @@ def _preview(args) -> int:
     from tuneforge.models.loading import load_tokenizer, resolve_model
 
     config = load_config(args.config, args.overrides)
+    if config.method in ("grpo", "rloo"):
+        return _preview_prompts(args, config)
     if config.method != "sft":
         return _preview_preference(args, config)
     report = DataReport()
@@ -97,6 +99,27 @@ def _preview_preference(args, config) -> int:
     print("---")
     for line in report.lines():
         print(line)
+    return 0
+
+
+def _preview_prompts(args, config) -> int:
+    from tuneforge.data.prompts import read_prompt_data, tokenize_prompt_data
+    from tuneforge.data.templates import load_template
+    from tuneforge.models.loading import load_tokenizer, resolve_model
+
+    read = read_prompt_data(config)
+    tokenizer = load_tokenizer(resolve_model(config.model.name_or_path))
+    template = load_template(config.data.template, tokenizer)
+    prepared = tokenize_prompt_data(read, config, tokenizer, template)
+    print(f"method: {config.method}; template: {template.name}; each prompt as the model sees it before sampling "
+          f"{config.grpo.num_generations} responses")
+    for example in prepared.train[: args.n]:
+        print(f"--- {len(example.input_ids)} tokens; row fields: {', '.join(sorted(example.fields))}")
+        print(example.text)
+    print("---")
+    for report in prepared.reports:
+        for line in report.lines():
+            print(line)
     return 0
 
 
@@ -247,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
 
     train = verbs.add_parser(
-        "train", help="train with the method named in the config (sft, reward, dpo, simpo, orpo, kto); "
+        "train", help="train with the method named in the config (sft, reward, dpo, simpo, orpo, kto, grpo, rloo); "
                               "works under torchrun",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train from a YAML config plus key=value overrides with dotted keys "

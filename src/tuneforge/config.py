@@ -355,7 +355,8 @@ class RunConfig:
 
     ``method`` picks the recipe: ``sft`` (instruction tuning), ``reward`` (Bradley-Terry reward model), ``dpo``
     (with ``dpo.loss`` choosing DPO, IPO, cDPO, rDPO or hinge), ``simpo``, ``orpo`` (pairs), ``kto`` (unpaired
-    rows), or ``grpo`` / ``rloo`` (online RL from prompts and reward functions). Each method reads its own section; the others are ignored.
+    rows), or ``grpo`` / ``rloo`` (online RL from prompts and reward functions). Each method reads its own
+    section; the others are ignored.
     """
 
     method: Literal["sft", "reward", "dpo", "simpo", "orpo", "kto", "grpo", "rloo"] = "sft"
@@ -560,6 +561,10 @@ def _check_grpo(config: RunConfig) -> None:
                 isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
             raise ConfigError(f"grpo.reward_weights: expected {len(functions)} finite number(s), one per reward "
                               f"function, got {weights!r}")
+    validates = bool(config.data.validation) or config.data.val_fraction > 0
+    if validates and config.eval.metric in ("val_loss", "val_perplexity"):
+        raise ConfigError(f"eval.metric: method {config.method} evaluates by generating, and logs val_reward "
+                          f"(no {config.eval.metric}); set eval.metric=val_reward")
     if not config.lora.enabled:
         raise ConfigError(f"lora.enabled: method {config.method} needs LoRA for now (the reference is the model "
                           "with its adapter off; a frozen full copy is not implemented yet); set lora.enabled=true")

@@ -13,6 +13,10 @@ def recipe_for(method: str) -> type:
         from tuneforge.recipes.reward import RewardRecipe
 
         return RewardRecipe
+    if method in ("grpo", "rloo"):
+        from tuneforge.recipes.grpo import GRPORecipe
+
+        return GRPORecipe
     from tuneforge.recipes.preference import PreferenceRecipe
 
     return PreferenceRecipe

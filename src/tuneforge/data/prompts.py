@@ -1,0 +1,121 @@
+"""Prompt-only data for online RL (``method: grpo | rloo``): the model writes the responses during training.
+
+A row has a ``prompt`` (a string, read as one user message, or a list of ``{"role", "content"}`` messages ending
+with a user message) and any other fields; the whole row is kept and handed to the reward functions, so they can
+read ``row["answer"]`` or any other column. ``data.system_prompt`` (or a row's ``system`` field) is added as in
+preference data.
+
+Prompts are tokenised segment by segment with the template (as in training and in ``tuneforge.inference``), with
+the assistant header appended. A prompt whose tokens plus ``grpo.max_new_tokens`` exceed ``data.max_length`` is
+dropped (``data.on_truncation: drop``, counted in the report) or raises (``raise``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tuneforge.config import DataConfig, RunConfig
+from tuneforge.data.dataset import DataReport, split_validation
+from tuneforge.data.formats import Conversation, Message, _Checker
+from tuneforge.data.preference import _add_system, _explicit_prompt
+from tuneforge.data.prepare import PreparedData, ReadData
+from tuneforge.data.readers import BadRow, read_rows
+from tuneforge.data.tokenize import encode_text
+from tuneforge.errors import DataError, UserError
+
+
+@dataclass
+class PromptRow:
+    """A validated prompt and the row it came from (all its fields, for the reward functions)."""
+
+    prompt: list[Message]
+    fields: dict
+    source: str
+    number: int
+
+
+@dataclass
+class PromptExample:
+    """A tokenised prompt: ``input_ids`` end with the assistant header; ``text`` is what those ids spell."""
+
+    input_ids: list[int]
+    text: str
+    fields: dict
+
+
+def load_prompt_rows(path: str, config: DataConfig, report: DataReport) -> list[PromptRow]:
+    """Read and validate every row of ``path``. In ``raise`` mode the first bad row raises its
+    :class:`DataError` (naming file, row and field); in ``skip`` mode it is counted in ``report.dropped``."""
+    report.path = str(path)
+    rows = []
+    for row in read_rows(path):
+        report.rows += 1
+        try:
+            if isinstance(row, BadRow):
+                raise row.error
+            check = _Checker(str(path), row.number)
+            if "prompt" not in row.fields or row.fields["prompt"] is None:
+                raise check.fail("prompt", "missing required field (online RL rows need a prompt; the model writes "
+                                 "the response)", "missing_field")
+            prompt = _add_system(_explicit_prompt(row.fields, check), row.fields, check, config.system_prompt)
+            rows.append(PromptRow(prompt, dict(row.fields), str(path), row.number))
+        except DataError as error:
+            if config.on_error == "raise":
+                raise
+            report.dropped[error.reason] += 1
+    if not rows:
+        raise UserError(f"{path}: no usable prompt rows ({report.rows} read)")
+    return rows
+
+
+def read_prompt_data(config: RunConfig) -> ReadData:
+    """:func:`tuneforge.data.prepare.read_data` for prompt rows; ``ReadData.train`` holds ``PromptRow`` items."""
+    data = config.data
+    train_report = DataReport()
+    rows = load_prompt_rows(data.train, data, train_report)
+    if data.validation:
+        validation_report = DataReport()
+        validation = load_prompt_rows(data.validation, data, validation_report)
+        return ReadData(rows, validation, [train_report, validation_report])
+    if data.val_fraction > 0:
+        rows, validation = split_validation(rows, data.val_fraction, config.train.seed)
+        train_report.rows -= len(validation)
+        held_out = DataReport(path=f"{data.train} (held-out {data.val_fraction:g})", rows=len(validation))
+        return ReadData(rows, validation, [train_report, held_out])
+    return ReadData(rows, [], [train_report])
+
+
+def tokenize_prompts(rows: list[PromptRow], template, tokenizer, config: RunConfig,
+                     report: DataReport) -> list[PromptExample]:
+    """Tokenise each prompt with the assistant header appended; drop (or raise on) prompts that leave no room for
+    ``grpo.max_new_tokens`` within ``data.max_length``."""
+    room = config.data.max_length - config.grpo.max_new_tokens
+    examples = []
+    for row in rows:
+        segments = template.segments(Conversation(list(row.prompt)), add_generation_prompt=True)
+        ids: list[int] = []
+        for segment in segments:
+            ids += encode_text(tokenizer, segment.text)
+        if len(ids) > room:
+            if config.data.on_truncation == "raise":
+                raise DataError(row.source, row.number, "prompt",
+                                f"{len(ids)} prompt tokens + grpo.max_new_tokens={config.grpo.max_new_tokens} exceed "
+                                f"data.max_length={config.data.max_length}; raise data.max_length or shorten the "
+                                "prompt", "prompt_too_long")
+            report.dropped["prompt_too_long"] += 1
+            continue
+        report.kept += 1
+        report.tokens += len(ids)
+        examples.append(PromptExample(ids, "".join(s.text for s in segments), row.fields))
+    if rows and not examples:
+        raise UserError(f"{report.path}: every prompt is longer than data.max_length - grpo.max_new_tokens = {room} "
+                        "tokens; raise data.max_length or lower grpo.max_new_tokens")
+    return examples
+
+
+def tokenize_prompt_data(read: ReadData, config: RunConfig, tokenizer, template) -> PreparedData:
+    train = tokenize_prompts(read.train, template, tokenizer, config, read.reports[0])
+    validation = []
+    if read.validation:
+        validation = tokenize_prompts(read.validation, template, tokenizer, config, read.reports[1])
+    return PreparedData(train, validation, read.reports)
