@@ -216,6 +216,7 @@ def test_cli_trains_two_steps_and_logs_rewards(tiny_model_dir, tmp_path, prompts
     ({"grpo": {"reward_functions": ["a:b"], "normalisation": "batch"}}, "grpo.normalisation"),
     ({"grpo": {"reward_functions": ["a:b"]}, "lora": {"enabled": False}}, "lora.enabled"),
     ({"grpo": {"reward_functions": ["a:b"]}, "data": {"val_fraction": 0.2}}, "eval.metric"),
+    ({"grpo": {"reward_functions": ["a:b"]}, "distributed": {"strategy": "fsdp"}}, "distributed.strategy"),
 ])
 def test_config_errors(tmp_path, updates, message):
     values = {"method": "grpo", "data": {"train": "prompts.jsonl"}, **updates}

@@ -568,6 +568,9 @@ def _check_grpo(config: RunConfig) -> None:
     if not config.lora.enabled:
         raise ConfigError(f"lora.enabled: method {config.method} needs LoRA for now (the reference is the model "
                           "with its adapter off; a frozen full copy is not implemented yet); set lora.enabled=true")
+    if config.distributed.strategy == "fsdp":
+        raise ConfigError(f"distributed.strategy: method {config.method} generates with the unsharded model, so it "
+                          "runs with ddp only for now; set distributed.strategy=ddp")
 
 
 def _is_template_path(spec: str) -> bool:
