@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from tuneforge.config import config_from_dict
-from tuneforge.recipes.sft import SFTRecipe
 
 _WORDS = ("river stone lantern harbour copper meadow signal window orbit garden quiet market bridge paper "
           "engine winter silver forest cable ladder island morning thunder velvet canyon mirror pocket "
@@ -98,68 +97,36 @@ def run_bench(method: str = "sft", model: str = "default", data: str | None = No
         return run_preference_bench(method, model, data, batch_size, max_length, steps, lora_r, dtype, full,
                                     gradient_checkpointing, load_in, precompute_ref)
     with tempfile.TemporaryDirectory() as scratch:
-        if data is None:
-            data = str(Path(scratch) / "bench.jsonl")
-            Path(data).write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows()))
-        config = config_from_dict({
-            "method": method,
-            "model": {"name_or_path": model, "dtype": "float32", "load_in": load_in},
-            "data": {"train": data, "max_length": max_length, "packing": packing, "shuffle": False},
-            "lora": {"enabled": not full, "r": lora_r, "alpha": 2 * lora_r},
-            "train": {"output_dir": str(Path(scratch) / "run"), "batch_size": batch_size, "epochs": 1000,
-                      "max_steps": steps + 1, "lr": 1e-4, "seed": 0,
-                      "mixed_precision": "bf16" if dtype == "bfloat16" else "no",
-                      "gradient_checkpointing": gradient_checkpointing},
-        })
-        recipe = SFTRecipe(config, log=lambda message: None, show_progress=False, run_dir=False)
-        recipe.setup()
-        batches = recipe._epoch_batches(shuffle=False)
-        # Cycle through the data so any number of steps can be timed; one micro-batch per step.
-        plan = [[batches[i % len(batches)]] for i in range(steps + 1)]
-        device = recipe.device
-
-        recipe.train_step(plan[0])  # warm-up: allocator, kernels, autograd graph caches
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        tokens = trained = 0
-        attention_flops = 0.0
+        recipe = _set_up(scratch, synthetic_rows, method, model, data, batch_size, max_length, steps, lora_r,
+                         dtype, full, gradient_checkpointing, load_in, lr=1e-4, data_options={"packing": packing})
+        counts = {"tokens": 0, "trained": 0, "attention_flops": 0.0}
         cfg = recipe.model.config
-        start = time.perf_counter()
-        for window in plan[1:]:
-            loss, _ = recipe.train_step(window)
-            for batch in window:
-                tokens += batch.num_tokens
-                trained += batch.num_trained
-                lengths = batch.position_ids.max(dim=1).values + 1 if not packing else None
-                attention_flops += _attention_flops(batch, cfg, lengths)
-        loss.item()  # one sync at the end
-        _sync(device)
-        elapsed = time.perf_counter() - start
 
+        def count(batch) -> None:
+            counts["tokens"] += batch.num_tokens
+            counts["trained"] += batch.num_trained
+            lengths = batch.position_ids.max(dim=1).values + 1 if not packing else None
+            counts["attention_flops"] += _attention_flops(batch, cfg, lengths)
+
+        elapsed = _time_steps(recipe, steps, count)
         n_matmul = matmul_parameters(recipe.model)
         n_lora = lora_parameters(recipe.model)
         per_token = 6 * n_matmul if full else 4 * n_matmul + 6 * n_lora
-        model_flops = per_token * tokens + attention_flops
-        peak = measure_matmul_peak(torch.bfloat16 if dtype == "bfloat16" else torch.float32, device)
-        result = {
+        model_flops = per_token * counts["tokens"] + counts["attention_flops"]
+        peak = measure_matmul_peak(torch.bfloat16 if dtype == "bfloat16" else torch.float32, recipe.device)
+        return {
             "method": method, "model": model, "dtype": dtype, "mode": "full" if full else f"lora-r{lora_r}",
             "batch_size": batch_size, "max_length": max_length, "packing": packing, "steps": steps,
             "gradient_checkpointing": gradient_checkpointing, "load_in": load_in,
-            "tokens_per_s": round(tokens / elapsed, 2),
-            "trained_tokens_per_s": round(trained / elapsed, 2),
+            "tokens_per_s": round(counts["tokens"] / elapsed, 2),
+            "trained_tokens_per_s": round(counts["trained"] / elapsed, 2),
             "step_time_s": round(elapsed / steps, 4),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "mfu": round(model_flops / elapsed / peak, 4),
             "model_gflop_per_s": round(model_flops / elapsed / 1e9, 2),
             "matmul_peak_gflop_per_s": round(peak / 1e9, 2),
             "matmul_params": n_matmul, "lora_params": n_lora,
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            **_memory_and_machine(recipe.device), "cpus": os.cpu_count(),
         }
-        if device.type == "cuda":
-            result["max_gpu_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        return result
 
 
 def run_preference_bench(method: str, model: str, data: str | None, batch_size: int, max_length: int, steps: int,
@@ -170,64 +137,94 @@ def run_preference_bench(method: str, model: str, data: str | None, batch_size: 
     Model FLOPs count the policy's forward and backward on both sides of each pair (4·N per token for LoRA, 6·N
     for full) plus, when the reference runs in line (DPO without ``precompute_ref``), its forward (2·N).
     """
-    from tuneforge.recipes import recipe_for
-
     with tempfile.TemporaryDirectory() as scratch:
-        if data is None:
-            data = str(Path(scratch) / "pairs.jsonl")
-            Path(data).write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs()))
-        config = config_from_dict({
-            "method": method,
-            "model": {"name_or_path": model, "dtype": "float32", "load_in": load_in},
-            "data": {"train": data, "max_length": max_length, "shuffle": False},
-            "lora": {"enabled": not full, "r": lora_r, "alpha": 2 * lora_r},
-            "dpo": {"precompute_ref": precompute_ref},
-            "train": {"output_dir": str(Path(scratch) / "run"), "batch_size": batch_size, "epochs": 1000,
-                      "max_steps": steps + 1, "lr": 1e-5, "seed": 0,
-                      "mixed_precision": "bf16" if dtype == "bfloat16" else "no",
-                      "gradient_checkpointing": gradient_checkpointing},
-        })
-        recipe = recipe_for(method)(config, log=lambda message: None, show_progress=False, run_dir=False)
         setup_start = time.perf_counter()
-        recipe.setup()  # includes the reference pass over the data when precompute_ref is on
+        # Setup includes the reference pass over the data when precompute_ref is on.
+        recipe = _set_up(scratch, synthetic_pairs, method, model, data, batch_size, max_length, steps, lora_r,
+                         dtype, full, gradient_checkpointing, load_in, lr=1e-5,
+                         sections={"dpo": {"precompute_ref": precompute_ref}})
         setup_s = time.perf_counter() - setup_start
-        batches = recipe._epoch_batches(shuffle=False)
-        plan = [[batches[i % len(batches)]] for i in range(steps + 1)]
-        device = recipe.device
-        recipe.train_step(plan[0])  # warm-up
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        pairs = tokens = 0
-        start = time.perf_counter()
-        for window in plan[1:]:
-            loss, _ = recipe.train_step(window)
-            for batch in window:
-                pairs += batch.num_pairs
-                tokens += batch.sequences.num_tokens
-        loss.item()
-        _sync(device)
-        elapsed = time.perf_counter() - start
+        counts = {"pairs": 0, "tokens": 0}
+
+        def count(batch) -> None:
+            counts["pairs"] += batch.num_pairs
+            counts["tokens"] += batch.sequences.num_tokens
+
+        elapsed = _time_steps(recipe, steps, count)
         n_matmul = matmul_parameters(recipe.model)
         n_lora = lora_parameters(recipe.model)
         per_token = 6 * n_matmul if full else 4 * n_matmul + 6 * n_lora
         if method == "dpo" and not precompute_ref:
             per_token += 2 * n_matmul
-        peak = measure_matmul_peak(torch.bfloat16 if dtype == "bfloat16" else torch.float32, device)
-        result = {
+        peak = measure_matmul_peak(torch.bfloat16 if dtype == "bfloat16" else torch.float32, recipe.device)
+        return {
             "method": method, "model": model, "dtype": dtype, "mode": "full" if full else f"lora-r{lora_r}",
             "batch_size": batch_size, "max_length": max_length, "steps": steps, "precompute_ref": precompute_ref,
             "gradient_checkpointing": gradient_checkpointing, "load_in": load_in,
-            "pairs_per_s": round(pairs / elapsed, 3), "tokens_per_s": round(tokens / elapsed, 2),
+            "pairs_per_s": round(counts["pairs"] / elapsed, 3), "tokens_per_s": round(counts["tokens"] / elapsed, 2),
             "step_time_s": round(elapsed / steps, 4), "setup_s": round(setup_s, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "mfu": round(per_token * tokens / elapsed / peak, 4),
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "mfu": round(per_token * counts["tokens"] / elapsed / peak, 4),
+            **_memory_and_machine(recipe.device),
         }
-        if device.type == "cuda":
-            result["max_gpu_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        return result
+
+
+def _set_up(scratch: str, synthetic, method: str, model: str, data: str | None, batch_size: int, max_length: int,
+            steps: int, lora_r: int, dtype: str, full: bool, gradient_checkpointing: bool, load_in: str, lr: float,
+            data_options: dict | None = None, sections: dict | None = None):
+    """The recipe of ``method`` set up for ``steps`` + 1 steps on ``data`` (or the ``synthetic()`` rows written to
+    ``scratch``), rows in file order, writing no run directory."""
+    from tuneforge.recipes import recipe_for
+
+    if data is None:
+        data = str(Path(scratch) / "bench.jsonl")
+        Path(data).write_text("".join(json.dumps(r) + "\n" for r in synthetic()))
+    config = config_from_dict({
+        "method": method,
+        "model": {"name_or_path": model, "dtype": "float32", "load_in": load_in},
+        "data": {"train": data, "max_length": max_length, "shuffle": False, **(data_options or {})},
+        "lora": {"enabled": not full, "r": lora_r, "alpha": 2 * lora_r},
+        "train": {"output_dir": str(Path(scratch) / "run"), "batch_size": batch_size, "epochs": 1000,
+                  "max_steps": steps + 1, "lr": lr, "seed": 0,
+                  "mixed_precision": "bf16" if dtype == "bfloat16" else "no",
+                  "gradient_checkpointing": gradient_checkpointing},
+        **(sections or {}),
+    })
+    recipe = recipe_for(method)(config, log=lambda message: None, show_progress=False, run_dir=False)
+    recipe.setup()
+    return recipe
+
+
+def _time_steps(recipe, steps: int, count) -> float:
+    """Seconds for ``steps`` optimiser steps of one micro-batch each, after one warm-up step (allocator, kernels,
+    autograd graph caches); ``count(batch)`` is called for each timed micro-batch. The data is cycled so any
+    number of steps can be timed."""
+    batches = recipe._epoch_batches(shuffle=False)
+    plan = [[batches[i % len(batches)]] for i in range(steps + 1)]
+    device = recipe.device
+    recipe.train_step(plan[0])
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for window in plan[1:]:
+        loss, _ = recipe.train_step(window)
+        for batch in window:
+            count(batch)
+    loss.item()  # one sync at the end
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _memory_and_machine(device: torch.device) -> dict:
+    """Peak memory of the process (and of the GPU) and what it ran on."""
+    result = {
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }
+    if device.type == "cuda":
+        result["max_gpu_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return result
 
 
 def _attention_flops(batch, cfg, lengths) -> float:

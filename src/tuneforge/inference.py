@@ -10,7 +10,36 @@ from tuneforge.data.formats import Conversation, Message
 from tuneforge.data.templates import Template, load_template, template_from_dict
 from tuneforge.data.tokenize import encode_text
 from tuneforge.engine.step import pick_device
-from tuneforge.models.loading import load_model, load_tokenizer, resolve_model
+from tuneforge.models.loading import ModelSource, load_model, load_tokenizer, resolve_model
+
+
+def tokenizer_and_template(source: ModelSource, template: str | None = None) -> tuple[object, Template]:
+    """The tokenizer of ``source`` and the template to render with: ``template`` when given, else a run's own
+    (saved in its run directory), else the tokenizer's."""
+    tokenizer = load_tokenizer(source)
+    if template is None and source.run is not None:
+        return tokenizer, template_from_dict(source.run["template"], tokenizer)
+    return tokenizer, load_template(template or "auto", tokenizer)
+
+
+def load_for_inference(source: ModelSource, dtype: str = "float32", head: str | None = None
+                       ) -> tuple[torch.nn.Module, torch.device]:
+    """The model of ``source`` on the best device, in eval mode (a QLoRA run's base quantized as in training)."""
+    device = pick_device()
+    model = load_model(source, dtype, device=device, head=head)
+    if source.quantization is None:  # a quantized model was placed on the device while loading
+        model = model.to(device)
+    return model.eval(), device
+
+
+def stop_ids(tokenizer, template: Template) -> list[int]:
+    """Token ids that end an assistant turn: EOS and the template's end-of-turn tokens (those that are one token)."""
+    ids = {tokenizer.eos_token_id}
+    for text in template.stop_strings():
+        pieces = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(pieces) == 1:
+            ids.add(pieces[0])
+    return sorted(i for i in ids if i is not None)
 
 
 @dataclass
@@ -27,25 +56,12 @@ class Generator:
         """``spec`` is anything a model argument accepts; a run directory brings its own template, and a QLoRA run
         its quantized base (loaded the way it was trained, so generation matches training)."""
         source = resolve_model(spec)
-        tokenizer = load_tokenizer(source)
-        if template is None and source.run is not None:
-            chosen = template_from_dict(source.run["template"], tokenizer)
-        else:
-            chosen = load_template(template or "auto", tokenizer)
-        device = pick_device()
-        model = load_model(source, dtype, device=device)
-        if source.quantization is None:  # a quantized model was placed on the device while loading
-            model = model.to(device)
-        model.eval()
+        tokenizer, chosen = tokenizer_and_template(source, template)
+        model, device = load_for_inference(source, dtype)
         return cls(model, tokenizer, chosen, device)
 
     def stop_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        for text in self.template.stop_strings():
-            pieces = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(pieces) == 1:
-                ids.add(pieces[0])
-        return sorted(i for i in ids if i is not None)
+        return stop_ids(self.tokenizer, self.template)
 
     @torch.no_grad()
     def generate(self, conversations: list[list[Message]], max_new_tokens: int = 64, temperature: float = 0.0,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tuneforge.config import DataConfig
-from tuneforge.data.collate import collate_packed, collate_padded, pack_examples, placeholder_example
+from tuneforge.data.collate import Batch, collate_packed, collate_padded, pack_examples, placeholder_example
 from tuneforge.data.formats import Conversation, to_conversation
 from tuneforge.data.readers import BadRow, read_rows
 from tuneforge.data.templates import Template
@@ -124,19 +124,18 @@ def split_validation(conversations: list[Conversation], fraction: float, seed: i
     return train, validation
 
 
-class EpochBatches(Sequence):
+class RankBatches(Sequence):
     """The micro-batches of one epoch for one rank, collated when read.
 
-    ``groups`` are *global* micro-batches (``batch_size × world_size`` rows or packs); rank r reads rows
-    [r·batch_size, (r+1)·batch_size) of each. Only the grouping is held: tensors (and, for packs, the (seq, seq)
-    attention masks) are built one batch at a time, so an epoch of long packed sequences costs no more memory
-    than one batch.
+    ``groups`` are *global* micro-batches (``batch_size × world_size`` items); rank r reads items
+    [r·batch_size, (r+1)·batch_size) of each. A rank whose slice is empty reads one placeholder that trains
+    nothing, so that it still joins the step's collective calls. Only the grouping is held: tensors are built one
+    batch at a time. Subclasses say how items collate and what a placeholder is.
     """
 
-    def __init__(self, groups: list[list], pad_id: int, packed: bool, batch_size: int, rank: int = 0):
+    def __init__(self, groups: list[list], pad_id: int, batch_size: int, rank: int = 0):
         self.groups = groups
         self.pad_id = pad_id
-        self.packed = packed
         self.batch_size = batch_size
         self.rank = rank
 
@@ -147,10 +146,45 @@ class EpochBatches(Sequence):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         group = self.groups[index]
-        mine = group[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        if not mine:
-            first = group[0][0] if self.packed else group[0]
-            mine = [[placeholder_example(first)]] if self.packed else [placeholder_example(first)]
+        mine = group[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] or [self.placeholder(group)]
+        return self.collate(mine, group)
+
+    def placeholder(self, group: list):
+        raise NotImplementedError
+
+    def collate(self, mine: list, group: list):
+        """The batch of this rank's items ``mine``, with its global counts taken over ``group``."""
+        raise NotImplementedError
+
+
+def epoch_order(examples: list, generator: torch.Generator | None) -> list:
+    """``examples`` in this epoch's order: shuffled with the run's generator (the same order on every rank,
+    reproducible from the seed), or as they are."""
+    if generator is None:
+        return list(examples)
+    return [examples[i] for i in torch.randperm(len(examples), generator=generator).tolist()]
+
+
+def global_groups(items: list, batch_size: int, world_size: int) -> list[list]:
+    """Consecutive global micro-batches of ``batch_size × world_size`` items (the last may be short)."""
+    size = batch_size * world_size
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+class EpochBatches(RankBatches):
+    """SFT micro-batches: rows, or packs of rows (``packed``). For packs, the (seq, seq) attention masks are built
+    one batch at a time, so an epoch of long packed sequences costs no more memory than one batch."""
+
+    def __init__(self, groups: list[list], pad_id: int, packed: bool, batch_size: int, rank: int = 0):
+        super().__init__(groups, pad_id, batch_size, rank)
+        self.packed = packed
+
+    def placeholder(self, group: list):
+        if self.packed:
+            return [placeholder_example(group[0][0])]
+        return placeholder_example(group[0])
+
+    def collate(self, mine: list, group: list) -> Batch:
         batch = collate_packed(mine, self.pad_id) if self.packed else collate_padded(mine, self.pad_id)
         rows = [e for pack in group for e in pack] if self.packed else group
         batch.global_tokens = sum(len(e.input_ids) for e in rows)
@@ -164,12 +198,7 @@ def make_batches(examples: list[Example], batch_size: int, pad_id: int, *, packi
     """One epoch of micro-batches for ``rank`` of ``world_size``. With a generator the order is shuffled (the
     generator is the run's, so the order is reproducible from its seed and the same on every rank); with
     packing, rows are packed after shuffling."""
-    order = list(range(len(examples)))
-    if generator is not None:
-        order = torch.randperm(len(examples), generator=generator).tolist()
-    ordered: list = [examples[i] for i in order]
+    ordered: list = epoch_order(examples, generator)
     if packing:
         ordered = pack_examples(ordered, max_length)
-    size = batch_size * world_size
-    groups = [ordered[i:i + size] for i in range(0, len(ordered), size)]
-    return EpochBatches(groups, pad_id, packing, batch_size, rank)
+    return EpochBatches(global_groups(ordered, batch_size, world_size), pad_id, packing, batch_size, rank)

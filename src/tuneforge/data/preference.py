@@ -33,14 +33,13 @@ both sides.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from tuneforge.config import DataConfig
 from tuneforge.data.collate import Batch, collate_padded, next_token_targets, placeholder_example
-from tuneforge.data.dataset import DataReport
+from tuneforge.data.dataset import DataReport, RankBatches, epoch_order, global_groups
 from tuneforge.data.formats import ROLES, Conversation, Message, _check_structure, _Checker
 from tuneforge.data.readers import BadRow, read_rows
 from tuneforge.data.templates import Template
@@ -625,30 +624,20 @@ def _sequences(item: PairExample | UnpairedExample) -> tuple[Example, Example]:
     return (item.chosen, item.rejected) if isinstance(item, PairExample) else (item.example, item.kl_example)
 
 
-class PreferenceBatches(Sequence):
-    """The micro-batches of one epoch for one rank, collated when read (like ``dataset.EpochBatches``).
-
-    ``groups`` are global micro-batches of ``batch_size × world_size`` pairs (or KTO examples); rank r reads
-    items [r·batch_size, (r+1)·batch_size) of each. A rank whose slice is empty reads one placeholder (weight 0)
-    so that it still joins the step's collective calls. The global counts cover the real items of the group.
-    With ``shared_prompt`` pairs use :func:`collate_pairs_shared_prompt` (one row per pair).
+class PreferenceBatches(RankBatches):
+    """Micro-batches of pairs (or KTO examples) for one rank (see ``dataset.RankBatches``). A placeholder has
+    weight 0; the global counts cover the real items of the group. With ``shared_prompt`` pairs use
+    :func:`collate_pairs_shared_prompt` (one row per pair).
     """
 
     def __init__(self, groups: list[list], pad_id: int, batch_size: int, rank: int = 0, shared_prompt: bool = False):
-        self.groups = groups
-        self.pad_id = pad_id
-        self.batch_size = batch_size
-        self.rank = rank
+        super().__init__(groups, pad_id, batch_size, rank)
         self.shared_prompt = shared_prompt
 
-    def __len__(self) -> int:
-        return len(self.groups)
+    def placeholder(self, group: list):
+        return _placeholder(group[0])
 
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        group = self.groups[index]
-        mine = group[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] or [_placeholder(group[0])]
+    def collate(self, mine: list, group: list):
         if isinstance(group[0], PairExample):
             collate = collate_pairs_shared_prompt if self.shared_prompt else collate_pairs
             batch = collate(mine, self.pad_id)
@@ -672,10 +661,5 @@ def make_preference_batches(examples: list, batch_size: int, pad_id: int, *, gen
     if len(kinds) > 1 or not kinds <= {PairExample, UnpairedExample}:
         names = sorted(k.__name__ for k in kinds)
         raise TypeError(f"examples must be all PairExample or all UnpairedExample, got {names}")
-    order = list(range(len(examples)))
-    if generator is not None:
-        order = torch.randperm(len(examples), generator=generator).tolist()
-    ordered = [examples[i] for i in order]
-    size = batch_size * world_size
-    groups = [ordered[i:i + size] for i in range(0, len(ordered), size)]
+    groups = global_groups(epoch_order(examples, generator), batch_size, world_size)
     return PreferenceBatches(groups, pad_id, batch_size, rank, shared_prompt)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tuneforge.config import RunConfig
@@ -28,17 +30,19 @@ class PreparedData:
     reports: list[DataReport] = field(default_factory=list)
 
 
-def read_data(config: RunConfig) -> ReadData:
+def read_data(config: RunConfig, load_rows: Callable = load_conversations) -> ReadData:
     """Read and validate every row of the train (and validation) file, and hold out ``data.val_fraction``.
 
-    Needs no tokenizer, so bad data is reported before any model is resolved or loaded.
+    ``load_rows(path, data_config, report)`` reads one file: SFT conversations by default; preference pairs
+    (:func:`read_preference_data`) and prompts (``tuneforge.data.prompts``) pass their own. Needs no tokenizer, so
+    bad data is reported before any model is resolved or loaded.
     """
     data = config.data
     train_report = DataReport()
-    conversations = load_conversations(data.train, data, train_report)
+    conversations = load_rows(data.train, data, train_report)
     if data.validation:
         validation_report = DataReport()
-        validation = load_conversations(data.validation, data, validation_report)
+        validation = load_rows(data.validation, data, validation_report)
         return ReadData(conversations, validation, [train_report, validation_report])
     if data.val_fraction > 0:
         conversations, validation = split_validation(conversations, data.val_fraction, config.train.seed)
@@ -49,13 +53,18 @@ def read_data(config: RunConfig) -> ReadData:
     return ReadData(conversations, [], [train_report])
 
 
+def tokenize_split(read: ReadData, tokenize: Callable) -> PreparedData:
+    """``tokenize(rows, report)`` applied to the train rows and the validation rows of ``read``, each counting into
+    its own report."""
+    train = tokenize(read.train, read.reports[0])
+    validation = tokenize(read.validation, read.reports[1]) if read.validation else []
+    return PreparedData(train, validation, read.reports)
+
+
 def tokenize_data(read: ReadData, config: RunConfig, tokenizer, template) -> PreparedData:
     """Tokenise the conversations of :func:`read_data` with ``template``, counting into its reports."""
-    train = tokenize_conversations(read.train, template, tokenizer, config.data, read.reports[0])
-    validation = []
-    if read.validation:
-        validation = tokenize_conversations(read.validation, template, tokenizer, config.data, read.reports[1])
-    return PreparedData(train, validation, read.reports)
+    return tokenize_split(read, lambda rows, report: tokenize_conversations(rows, template, tokenizer, config.data,
+                                                                            report))
 
 
 def prepare_data(config: RunConfig, tokenizer, template) -> PreparedData:
@@ -69,19 +78,7 @@ def read_preference_data(config: RunConfig, unpaired: bool = False) -> ReadData:
     ``UnpairedRow`` items."""
     from tuneforge.data.preference import load_preference_rows
 
-    data = config.data
-    train_report = DataReport()
-    rows = load_preference_rows(data.train, data, train_report, unpaired=unpaired)
-    if data.validation:
-        validation_report = DataReport()
-        validation = load_preference_rows(data.validation, data, validation_report, unpaired=unpaired)
-        return ReadData(rows, validation, [train_report, validation_report])
-    if data.val_fraction > 0:
-        rows, validation = split_validation(rows, data.val_fraction, config.train.seed)
-        train_report.rows -= len(validation)
-        held_out = DataReport(path=f"{data.train} (held-out {data.val_fraction:g})", rows=len(validation))
-        return ReadData(rows, validation, [train_report, held_out])
-    return ReadData(rows, [], [train_report])
+    return read_data(config, functools.partial(load_preference_rows, unpaired=unpaired))
 
 
 def tokenize_preference_data(read: ReadData, config: RunConfig, tokenizer, template,
@@ -90,8 +87,4 @@ def tokenize_preference_data(read: ReadData, config: RunConfig, tokenizer, templ
     from tuneforge.data.preference import tokenize_pairs, tokenize_unpaired
 
     tokenize = tokenize_unpaired if unpaired else tokenize_pairs
-    train = tokenize(read.train, template, tokenizer, config.data, read.reports[0])
-    validation = []
-    if read.validation:
-        validation = tokenize(read.validation, template, tokenizer, config.data, read.reports[1])
-    return PreparedData(train, validation, read.reports)
+    return tokenize_split(read, lambda rows, report: tokenize(rows, template, tokenizer, config.data, report))

@@ -15,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tuneforge.config import DataConfig, RunConfig
-from tuneforge.data.dataset import DataReport, split_validation
+from tuneforge.data.dataset import DataReport
 from tuneforge.data.formats import Conversation, Message, _Checker
 from tuneforge.data.preference import _add_system, _explicit_prompt
-from tuneforge.data.prepare import PreparedData, ReadData
+from tuneforge.data.prepare import PreparedData, ReadData, read_data, tokenize_split
 from tuneforge.data.readers import BadRow, read_rows
 from tuneforge.data.tokenize import encode_text
 from tuneforge.errors import DataError, UserError
@@ -70,19 +70,7 @@ def load_prompt_rows(path: str, config: DataConfig, report: DataReport) -> list[
 
 def read_prompt_data(config: RunConfig) -> ReadData:
     """:func:`tuneforge.data.prepare.read_data` for prompt rows; ``ReadData.train`` holds ``PromptRow`` items."""
-    data = config.data
-    train_report = DataReport()
-    rows = load_prompt_rows(data.train, data, train_report)
-    if data.validation:
-        validation_report = DataReport()
-        validation = load_prompt_rows(data.validation, data, validation_report)
-        return ReadData(rows, validation, [train_report, validation_report])
-    if data.val_fraction > 0:
-        rows, validation = split_validation(rows, data.val_fraction, config.train.seed)
-        train_report.rows -= len(validation)
-        held_out = DataReport(path=f"{data.train} (held-out {data.val_fraction:g})", rows=len(validation))
-        return ReadData(rows, validation, [train_report, held_out])
-    return ReadData(rows, [], [train_report])
+    return read_data(config, load_prompt_rows)
 
 
 def tokenize_prompts(rows: list[PromptRow], template, tokenizer, config: RunConfig,
@@ -114,8 +102,4 @@ def tokenize_prompts(rows: list[PromptRow], template, tokenizer, config: RunConf
 
 
 def tokenize_prompt_data(read: ReadData, config: RunConfig, tokenizer, template) -> PreparedData:
-    train = tokenize_prompts(read.train, template, tokenizer, config, read.reports[0])
-    validation = []
-    if read.validation:
-        validation = tokenize_prompts(read.validation, template, tokenizer, config, read.reports[1])
-    return PreparedData(train, validation, read.reports)
+    return tokenize_split(read, lambda rows, report: tokenize_prompts(rows, template, tokenizer, config, report))

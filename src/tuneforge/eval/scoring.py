@@ -12,11 +12,11 @@ import torch
 
 from tuneforge.data.collate import collate_padded
 from tuneforge.data.formats import Conversation
-from tuneforge.data.templates import Template, load_template, template_from_dict
+from tuneforge.data.templates import Template
 from tuneforge.data.tokenize import Example, encode_conversation
-from tuneforge.engine.step import pick_device
 from tuneforge.errors import UserError
-from tuneforge.models.loading import load_model, load_tokenizer, resolve_model
+from tuneforge.inference import load_for_inference, tokenizer_and_template
+from tuneforge.models.loading import resolve_model
 from tuneforge.models.reward import reward_scores
 
 
@@ -39,16 +39,8 @@ class RewardScorer:
         if source.run is not None and not source.is_reward_model:
             raise UserError(f"{spec} is a {source.run.get('method', 'sft')} run, not a reward model; train one with "
                             "method: reward")
-        tokenizer = load_tokenizer(source)
-        if template is None and source.run is not None:
-            chosen = template_from_dict(source.run["template"], tokenizer)
-        else:
-            chosen = load_template(template or "auto", tokenizer)
-        device = pick_device()
-        model = load_model(source, dtype, device=device, head="reward")
-        if source.quantization is None:
-            model = model.to(device)
-        model.eval()
+        tokenizer, chosen = tokenizer_and_template(source, template)
+        model, device = load_for_inference(source, dtype, head="reward")
         return cls(model, tokenizer, chosen, device, max_length)
 
     def encode(self, conversation: Conversation) -> Example:

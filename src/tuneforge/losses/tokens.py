@@ -46,6 +46,18 @@ def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return tensor.dtype
 
 
+def _head_in_compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """(compute dtype, weight, bias) with the output head cast to the dtype autocast would use for ``hidden``."""
+    compute = _compute_dtype(hidden)
+    return compute, weight.to(compute), bias.to(compute) if bias is not None else None
+
+
+def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """One chunk's logits, h @ w.T + b: (chunk, hidden) -> (chunk, vocab)."""
+    logits = h @ w.T
+    return logits + b if b is not None else logits
+
+
 class _LinearCrossEntropySum(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T + bias, target_i), computed chunk by chunk over tokens.
 
@@ -55,13 +67,11 @@ class _LinearCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size, grad_enabled):
-        compute = _compute_dtype(hidden)
+        compute, w, b = _head_in_compute_dtype(hidden, weight, bias)
         # Grad mode is off inside forward; needs_input_grad says which inputs require grad. It is set even
         # under torch.no_grad, so the caller's grad mode comes in as ``grad_enabled``: evaluation must not pay
         # for gradients (a weight-sized float32 buffer and two extra matmuls per chunk).
         need_hidden, need_weight, need_bias = (grad_enabled and need for need in ctx.needs_input_grad[:3])
-        w = weight.to(compute)
-        b = bias.to(compute) if bias is not None else None
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
@@ -69,10 +79,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size].to(compute)
             t = targets[start:start + chunk_size]
-            logits = h @ w.T
-            if b is not None:
-                logits = logits + b
-            logits = logits.float()
+            logits = _project(h, w, b).float()
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if need_hidden or need_weight or need_bias:
@@ -152,19 +159,14 @@ class _LinearTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size, grad_enabled):
-        compute = _compute_dtype(hidden)
+        compute, w, b = _head_in_compute_dtype(hidden, weight, bias)
         need_hidden, need_weight, need_bias = (grad_enabled and need for need in ctx.needs_input_grad[:3])
-        w = weight.to(compute)
-        b = bias.to(compute) if bias is not None else None
         logprobs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size].to(compute)
             t = targets[start:start + chunk_size]
-            logits = h @ w.T
-            if b is not None:
-                logits = logits + b
-            logits = logits.float()
+            logits = _project(h, w, b).float()
             lse = torch.logsumexp(logits, dim=-1)
             logprobs[start:start + chunk_size] = logits.gather(1, t[:, None]).squeeze(1) - lse
             if need_hidden:
@@ -184,17 +186,13 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         grad_h = grad_hidden * grad_output[:, None].to(grad_hidden.dtype) if need_hidden else None
         grad_w = grad_b = None
         if need_weight or need_bias:
-            compute = _compute_dtype(hidden)
-            w = weight.to(compute)
-            b = bias.to(compute) if bias is not None else None
+            compute, w, b = _head_in_compute_dtype(hidden, weight, bias)
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
             grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
             for start in range(0, hidden.shape[0], ctx.chunk_size):
                 h = hidden[start:start + ctx.chunk_size].to(compute)
                 t = targets[start:start + ctx.chunk_size]
-                logits = h @ w.T
-                if b is not None:
-                    logits = logits + b
+                logits = _project(h, w, b)
                 # d (g_i logp_i) / d logits_i = g_i (onehot_i - softmax_i)
                 grad_logits = torch.softmax(logits.float(), dim=-1).neg_()
                 grad_logits[torch.arange(t.shape[0], device=t.device), t] += 1.0

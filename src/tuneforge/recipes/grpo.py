@@ -32,11 +32,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from tuneforge.data.dataset import epoch_order, global_groups
 from tuneforge.data.prompts import PromptExample, read_prompt_data, tokenize_prompt_data
 from tuneforge.engine.distributed import no_sync
 from tuneforge.engine.step import autocast
 from tuneforge.errors import ConfigError
 from tuneforge.eval.functions import RewardFunctions
+from tuneforge.inference import stop_ids
 from tuneforge.losses import group_advantages, grpo_loss, sequence_logprobs_from_hidden
 from tuneforge.models.adapters import decoder_and_head, is_peft
 from tuneforge.recipes.sft import SFTRecipe
@@ -165,18 +167,11 @@ class GRPORecipe(SFTRecipe):
         batch_size x world_size prompts is split by rank, and a last partial one is dropped (every rank must
         run the same number of steps)."""
         generator = (generator or self.data_generator) if shuffle and self.config.data.shuffle else None
-        examples = self.data.train
-        order = torch.randperm(len(examples), generator=generator).tolist() if generator is not None \
-            else list(range(len(examples)))
         size, world, rank = self.config.train.batch_size, self.dist.world_size, self.dist.rank
-        batches = []
-        for start in range(0, len(order), size * world):
-            chunk = order[start:start + size * world]
-            if world > 1 and len(chunk) < size * world:
-                break
-            mine = chunk[rank * size:(rank + 1) * size] if world > 1 else chunk
-            batches.append(PromptBatch([examples[i] for i in mine]))
-        return batches
+        groups = global_groups(epoch_order(self.data.train, generator), size, world)
+        if world > 1 and groups and len(groups[-1]) < size * world:
+            groups = groups[:-1]
+        return [PromptBatch(group[rank * size:(rank + 1) * size]) for group in groups]
 
     def _sequence_shape(self) -> tuple[int, int]:
         longest = max(len(example.input_ids) for example in self.data.train)
@@ -201,13 +196,8 @@ class GRPORecipe(SFTRecipe):
             raise ConfigError(f"method {self.method} needs a PEFT (LoRA) model")  # impossible: _build_model adds one
 
     def stop_ids(self) -> list[int]:
-        """EOS and the template's end-of-turn token(s), as in ``tuneforge.inference.Generator``."""
-        ids = {self.tokenizer.eos_token_id}
-        for text in self.template.stop_strings():
-            pieces = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(pieces) == 1:
-                ids.add(pieces[0])
-        return sorted(i for i in ids if i is not None)
+        """EOS and the template's end-of-turn token(s), as in generation."""
+        return stop_ids(self.tokenizer, self.template)
 
     # ------------------------------------------------------------------------------------------- rollouts
     @torch.no_grad()
