@@ -33,7 +33,6 @@ import argparse
 import json
 import resource
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -70,8 +69,9 @@ def main() -> None:
     import trl
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
+    from trl_timing import count_batch_tokens, step_timer
 
     from tuneforge.models.loading import resolve_model
 
@@ -85,23 +85,7 @@ def main() -> None:
          "rejected": [{"role": "assistant", "content": row["rejected"]}]}
         for row in pairs])
 
-    class Timer(TrainerCallback):
-        """Times steps 2 .. steps+1 (the first step is the warm-up)."""
-
-        def __init__(self):
-            self.start = None
-            self.elapsed = None
-
-        def on_step_begin(self, args_, state, control, **kwargs):
-            if state.global_step == 1:
-                self.start = time.perf_counter()
-
-        def on_step_end(self, args_, state, control, **kwargs):
-            if state.global_step == 1 + args.steps:
-                self.elapsed = time.perf_counter() - self.start
-
-    timer = Timer()
-    batch_tokens = []
+    timer = step_timer(args.steps)
     with tempfile.TemporaryDirectory() as scratch:
         config = DPOConfig(output_dir=str(Path(scratch) / "run"), per_device_train_batch_size=args.batch_size,
                            max_length=args.max_length, max_steps=args.steps + 1, learning_rate=1e-4, beta=BETA,
@@ -114,16 +98,9 @@ def main() -> None:
                                  target_modules="all-linear", task_type="CAUSAL_LM")
         trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft_config, callbacks=[timer])
-        # Count the real tokens of the batches the trainer actually sees (steps 2..steps+1 are timed). Each batch
-        # holds the chosen sequences of its pairs, then the rejected ones.
-        original = trainer.data_collator
-
-        def counting_collator(features):
-            batch = original(features)
-            batch_tokens.append(int(batch["attention_mask"].sum()))
-            return batch
-
-        trainer.data_collator = counting_collator
+        # Real tokens of the batches the trainer actually sees (steps 2..steps+1 are timed); each batch holds the
+        # chosen sequences of its pairs, then the rejected ones.
+        batch_tokens = count_batch_tokens(trainer)
         trainer.train()
     if timer.elapsed is None:
         raise SystemExit(f"the trainer stopped before step {1 + args.steps}: {len(dataset)} pairs at batch "

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import time
 
 import torch
 
@@ -31,8 +30,10 @@ def main() -> None:
     import trl
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
+
+    from trl_timing import count_batch_tokens, step_timer
 
     from tuneforge.bench import synthetic_rows
     from tuneforge.models.loading import resolve_model
@@ -42,23 +43,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     dataset = Dataset.from_list(synthetic_rows())
 
-    class Timer(TrainerCallback):
-        """Times steps after the first (warm-up), counting non-padding tokens of each batch."""
-
-        def __init__(self):
-            self.start = None
-            self.elapsed = None
-
-        def on_step_begin(self, args_, state, control, **kwargs):
-            if state.global_step == 1:
-                self.start = time.perf_counter()
-
-        def on_step_end(self, args_, state, control, **kwargs):
-            if state.global_step == 1 + args.steps:
-                self.elapsed = time.perf_counter() - self.start
-
-    timer = Timer()
-    collator_tokens = []
+    timer = step_timer(args.steps)
 
     config = SFTConfig(output_dir="/tmp/trl-bench", per_device_train_batch_size=args.batch_size,
                        max_length=args.max_length, max_steps=args.steps + 1, learning_rate=1e-4,
@@ -70,16 +55,8 @@ def main() -> None:
                              target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[timer])
-    # Count real tokens of the batches the trainer actually sees (steps 2..steps+1 are timed).
-    original = trainer.data_collator
-
-    def counting_collator(features):
-        batch = original(features)
-        collator_tokens.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch
-                               else int(batch["input_ids"].numel()))
-        return batch
-
-    trainer.data_collator = counting_collator
+    # Real tokens of the batches the trainer actually sees (steps 2..steps+1 are timed).
+    collator_tokens = count_batch_tokens(trainer)
     trainer.train()
     tokens = sum(collator_tokens[1:1 + args.steps])
     print(json.dumps({
