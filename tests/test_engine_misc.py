@@ -205,3 +205,24 @@ def test_unknown_logger_fails_at_config_time(make_config, qa_file, tmp_path, cap
     assert cli_main(["train", str(config)]) == 2
     assert "unknown logger 'comet'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_move_takes_every_tensor_of_a_batch_and_keeps_its_counts():
+    """``engine.step.move`` (the one mover for all batch kinds): nested batches and optional tensors move, counts
+    (including the global ones a batch was given) stay. The meta device stands in for a GPU."""
+    import torch
+
+    from tuneforge.data.preference import PairExample, collate_pairs
+    from tuneforge.data.tokenize import Example
+    from tuneforge.engine.step import move
+    from tuneforge.losses import IGNORE_INDEX
+
+    pair = PairExample(Example([1, 2, 3], [IGNORE_INDEX, 2, 3]), Example([1, 2, 4, 5], [IGNORE_INDEX, 2, 4, 5]), 1,
+                       ref_chosen=-1.0, ref_rejected=-2.0)
+    batch = collate_pairs([pair], pad_id=0)
+    batch.global_pairs, batch.sequences.global_tokens = 8, 99
+    moved = move(batch, torch.device("meta"))
+    assert moved.sequences.input_ids.device.type == "meta" and moved.ref_chosen.device.type == "meta"
+    assert moved.weights.device.type == "meta" and moved.margins is None
+    assert (moved.global_pairs, moved.sequences.global_tokens, moved.chosen_tokens) == (8, 99, 2)
+    assert move(batch, torch.device("cpu")) is batch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import torch
@@ -33,12 +34,20 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def move(batch: Batch, device: torch.device) -> Batch:
+def move(batch, device: torch.device):
+    """A copy of a batch dataclass (``Batch``, a preference or prompt batch) with its tensors, also those of nested
+    batches, on ``device``; counts are kept. On CPU the batch itself."""
     if device.type == "cpu":
         return batch
-    return Batch(batch.input_ids.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True),
-                 batch.attention_mask.to(device, non_blocking=True), batch.position_ids.to(device, non_blocking=True),
-                 batch.num_tokens, batch.num_trained)
+    moved = {}
+    for field in dataclasses.fields(batch):
+        value = getattr(batch, field.name)
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+        elif dataclasses.is_dataclass(value):
+            value = move(value, device)
+        moved[field.name] = value
+    return type(batch)(**moved)
 
 
 def lm_loss_sum(model: torch.nn.Module, batch: Batch, chunk_size: int) -> torch.Tensor:

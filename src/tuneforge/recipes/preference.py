@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from tuneforge.data.prepare import read_preference_data, tokenize_preference_data
 from tuneforge.engine.distributed import no_sync, reshard
-from tuneforge.engine.step import autocast
+from tuneforge.engine.step import autocast, move
 from tuneforge.errors import UserError
 from tuneforge.losses import (PreferenceLoss, SequenceLogprobs, dpo_loss, kto_loss, orpo_odds_ratio_loss,
                               sequence_logprobs_from_hidden, simpo_loss)
@@ -39,21 +39,6 @@ from tuneforge.recipes.sft import SFTRecipe
 PAIR_STATS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy", "logps_chosen",
               "logps_rejected")
 KTO_STATS = ("rewards_desirable", "rewards_undesirable", "desirable", "logps", "kl")
-
-
-def move_to(batch, device: torch.device):
-    """A copy of a ``PairBatch`` / ``UnpairedBatch`` with its tensors on ``device``."""
-    if device.type == "cpu":
-        return batch
-    moved = {}
-    for field in dataclasses.fields(batch):
-        value = getattr(batch, field.name)
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-        elif dataclasses.is_dataclass(value):
-            value = move_to(value, device)
-        moved[field.name] = value
-    return type(batch)(**moved)
 
 
 def rows(sequences, start: int, stop: int):
@@ -162,7 +147,7 @@ class PreferenceRecipe(SFTRecipe):
             for start in range(0, len(examples), batch_size):
                 chunk = examples[start:start + batch_size]
                 batch = make_preference_batches(chunk, batch_size, pad, shared_prompt=self.shared_prompt)[0]
-                logps = self._reference_logprobs(self.model, move_to(batch, self.device)).sums.cpu()
+                logps = self._reference_logprobs(self.model, move(batch, self.device)).sums.cpu()
                 first, second = logps[:len(chunk)].tolist(), logps[len(chunk):2 * len(chunk)].tolist()
                 for example, a, b in zip(chunk, first, second):
                     if self.unpaired:
@@ -282,7 +267,7 @@ class PreferenceRecipe(SFTRecipe):
         stats_total = None
         for index, batch in enumerate(window):
             with no_sync(self.wrapped, skip=index < len(window) - 1):
-                out = self.wrapped(move_to(batch, self.device))
+                out = self.wrapped(move(batch, self.device))
                 loss = out["pair_loss"] * scale
                 if "nll" in out:
                     loss = loss + out["nll"] * (self.dist.world_size / max(chosen_tokens, 1))
@@ -335,7 +320,7 @@ class PreferenceRecipe(SFTRecipe):
         count = 0
         chosen_tokens = 0
         for batch in batches:
-            out = self.wrapped(move_to(batch, self.device))
+            out = self.wrapped(move(batch, self.device))
             parts = [out["pair_loss"], out.get("nll", torch.zeros((), device=self.device)), *out["stats"]]
             row = torch.stack([p.float().reshape(()) for p in parts]).double()
             totals = row if totals is None else totals + row
