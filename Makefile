@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # A bare `torch` requirement pulls a multi-GB CUDA build; the CPU build is pinned and installed first.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo demo-align test test-all bench install install-dev clean
+.PHONY: demo demo-align demo-rl test test-all bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ demo: $(VENV)/.installed
 # DPO on top of runs/velmora-sft (trained first when missing): concise answers preferred to rambling ones.
 demo-align: $(VENV)/.installed
 	$(BIN)/python examples/demo_align.py
+
+# GRPO on the embedded default model with a verifiable reward (is the sum right?); independent of the other demos.
+demo-rl: $(VENV)/.installed
+	$(BIN)/python examples/demo_grpo.py
 
 # The fast suite (tiny models); `make test-all` adds the slow runs on the 135M default model.
 test: $(VENV)/.installed-dev

@@ -90,7 +90,7 @@ def test_a_group_with_identical_rewards_gives_no_gradient(tiny_model_dir, tmp_pa
     config = grpo_config(tiny_model_dir, tmp_path, prompts_file, method,
                          grpo={"beta": 0.0, "reward_functions": [spec("constant_reward")]})
     recipe = ready_recipe(config)
-    recipe.compute_gradients(first_window(recipe))
+    recipe.compute_gradients(recipe.collect_rollouts(first_window(recipe)))
     rollout = recipe.last_rollouts[0]
     assert torch.equal(rollout.advantages, torch.zeros_like(rollout.advantages))
     grads = [p.grad for p in recipe.model.parameters() if p.requires_grad]
@@ -103,32 +103,32 @@ def test_first_step_policy_is_the_reference_and_loss_matches_grpo_at_ratio_one(t
     config = grpo_config(tiny_model_dir, tmp_path, prompts_file, train={"grad_accum": 2},
                          grpo={"beta": 0.04, "normalisation": normalisation})
     recipe = ready_recipe(config)
-    loss = float(recipe.compute_gradients(first_window(recipe)))
+    loss = float(recipe.compute_gradients(recipe.collect_rollouts(first_window(recipe))))
     rollouts = recipe.last_rollouts
-    assert len(rollouts) == 2 and all(r.mask.shape[0] == 2 * 4 for r in rollouts)
+    assert len(rollouts) == 2 and all(r.samples.mask.shape[0] == 2 * 4 for r in rollouts)
     assert any(torch.count_nonzero(r.advantages) for r in rollouts)  # the check below is not vacuous
     metrics = recipe._step_metrics()
     # LoRA's B starts at zero: the policy is exactly the reference, so the KL estimate is 0.
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-7)
     # At ratio 1 and KL 0 each response token's loss is -A of its response; averaged over the whole step.
     if normalisation == "token":
-        weighted = sum(float((-r.advantages[:, None] * r.mask).sum()) for r in rollouts)
-        expected = weighted / sum(float(r.mask.sum()) for r in rollouts)
+        weighted = sum(float((-r.advantages[:, None] * r.samples.mask).sum()) for r in rollouts)
+        expected = weighted / sum(float(r.samples.mask.sum()) for r in rollouts)
     else:
-        expected = sum(float(-r.advantages.sum()) for r in rollouts) / sum(r.mask.shape[0] for r in rollouts)
+        expected = sum(float(-r.advantages.sum()) for r in rollouts) / sum(len(r.advantages) for r in rollouts)
     assert loss == pytest.approx(expected, abs=1e-5)
     # The advantages are GRPO's: each group of 4 centred and scaled by its std.
-    rewards = rollouts[0].rewards.reshape(-1, 4)
+    rewards = rollouts[0].samples.rewards.reshape(-1, 4)
     centred = (rewards - rewards.mean(dim=1, keepdim=True)) / (rewards.std(dim=1, keepdim=True) + 1e-4)
     assert torch.allclose(rollouts[0].advantages, centred.flatten(), atol=1e-5)
     # The reward is the response's length in characters; the metrics report its mean over the step.
-    all_rewards = torch.cat([r.rewards for r in rollouts])
+    all_rewards = torch.cat([r.samples.rewards for r in rollouts])
     assert metrics["reward"] == pytest.approx(float(all_rewards.mean()), rel=1e-6)
     assert metrics["reward_length_reward"] == pytest.approx(metrics["reward"], rel=1e-6)
-    lengths = torch.cat([r.mask.sum(dim=1) for r in rollouts]).float()
+    lengths = torch.cat([r.samples.mask.sum(dim=1) for r in rollouts]).float()
     assert metrics["response_length"] == pytest.approx(float(lengths.mean()))
     assert 0.0 <= metrics["stopped_fraction"] <= 1.0 and metrics["clip_fraction"] == 0.0
-    assert masked_mean(rollouts[0].ref_logp, rollouts[0].mask) < 0
+    assert masked_mean(rollouts[0].ref_logp, rollouts[0].samples.mask) < 0
 
 
 def test_token_logprobs_match_each_unpadded_sequence_alone(tiny_model_dir, tmp_path, prompts_file):
@@ -139,12 +139,13 @@ def test_token_logprobs_match_each_unpadded_sequence_alone(tiny_model_dir, tmp_p
     rollout = recipe.rollout(batch)
     model = recipe.model
     with torch.no_grad():
-        logp = per_token_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.position_ids,
-                                  rollout.prompt_width, rollout.mask, chunk_size=7)
-        for row in range(rollout.mask.shape[0]):
+        samples = rollout.samples
+        logp = per_token_logprobs(model, samples.input_ids, samples.attention_mask, samples.position_ids,
+                                  samples.prompt_width, samples.mask, chunk_size=7)
+        for row in range(samples.mask.shape[0]):
             prompt = batch.examples[row // 2].input_ids
-            length = int(rollout.mask[row].sum())
-            response = rollout.input_ids[row, rollout.prompt_width:rollout.prompt_width + length].tolist()
+            length = int(samples.mask[row].sum())
+            response = samples.input_ids[row, samples.prompt_width:samples.prompt_width + length].tolist()
             ids = torch.tensor([prompt + response])
             logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
             expected = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(response)[:, None]).squeeze(1)
@@ -160,21 +161,21 @@ def test_rewards_read_the_decoded_response_and_the_row(tiny_model_dir, tmp_path,
     recipe = ready_recipe(config)
     CALLS.clear()
     batch = first_window(recipe)[0]
-    recipe.compute_gradients([batch])
+    recipe.compute_gradients(recipe.collect_rollouts([batch]))
     rollout = recipe.last_rollouts[0]
     assert len(CALLS) == 2 * 2
-    responses = rollout.input_ids[:, rollout.prompt_width:]
+    responses = rollout.samples.input_ids[:, rollout.samples.prompt_width:]
     stops = set(recipe.stop_ids())
     for index, (prompt, response, row) in enumerate(CALLS):
         example = batch.examples[index // 2]
         # The row's fields reach the reward function, whatever they are.
         assert row["tag"] == example.fields["tag"] and row["answer"] == example.fields["answer"]
         assert row["prompt"] in prompt and prompt == example.text
-        ids = responses[index][:int(rollout.mask[index].sum())].tolist()
+        ids = responses[index][:int(rollout.samples.mask[index].sum())].tolist()
         if ids and ids[-1] in stops:
             ids = ids[:-1]
-        assert response == tokenizer.decode(ids, skip_special_tokens=True).strip() == rollout.responses[index]
-        assert rollout.rewards[index] == float(len(response) % 3)
+        assert response == tokenizer.decode(ids, skip_special_tokens=True).strip() == rollout.samples.responses[index]
+        assert rollout.samples.rewards[index] == float(len(response) % 3)
 
 
 @pytest.mark.parametrize("method", ["grpo", "rloo"])
@@ -214,7 +215,8 @@ def test_cli_trains_two_steps_and_logs_rewards(tiny_model_dir, tmp_path, prompts
     ({"grpo": {"reward_functions": ["a:b"], "reward_weights": [1.0, 2.0]}}, "grpo.reward_weights"),
     ({"grpo": {"reward_functions": ["a:b"], "num_generations": 1}}, "grpo.num_generations"),
     ({"grpo": {"reward_functions": ["a:b"], "normalisation": "batch"}}, "grpo.normalisation"),
-    ({"grpo": {"reward_functions": ["a:b"]}, "lora": {"enabled": False}}, "lora.enabled"),
+    ({"grpo": {"reward_functions": ["a:b"], "mini_batches": 3}, "train": {"grad_accum": 4}}, "grpo.mini_batches"),
+    ({"grpo": {"reward_functions": ["a:b"], "ppo_epochs": 0}}, "grpo.ppo_epochs"),
     ({"grpo": {"reward_functions": ["a:b"]}, "data": {"val_fraction": 0.2}}, "eval.metric"),
     ({"grpo": {"reward_functions": ["a:b"]}, "distributed": {"strategy": "fsdp"}}, "distributed.strategy"),
 ])

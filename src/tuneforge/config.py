@@ -182,6 +182,8 @@ class EvalConfig:
             (0 disables early stopping).
         min_delta: smallest change of the metric that counts as an improvement.
         final: what the run directory holds at the end: the ``best`` checkpoint by ``metric`` or the ``last``.
+        at_start: also evaluate before the first step (logged as step 0: the baseline the curves start from;
+            it does not compete for the best checkpoint).
     """
 
     every: int = 0
@@ -190,6 +192,7 @@ class EvalConfig:
     patience: int = 0
     min_delta: float = 0.0
     final: Literal["best", "last"] = "best"
+    at_start: bool = False
 
     def minimise(self) -> bool:
         if self.mode != "auto":
@@ -312,41 +315,94 @@ class RewardConfig:
 
 
 @dataclass
-class GRPOConfig:
-    """``method: grpo | rloo``: critic-free online RL; G responses are sampled per prompt, scored by reward
-    functions, and each is reinforced by its advantage over the others of its group.
+class RolloutConfig:
+    """What the online RL methods share (read from the ``grpo`` section for ``grpo | rloo``, from ``ppo`` for
+    ``ppo``): how responses are sampled, how they are scored, and how often each rollout batch is reused.
 
     Attributes:
-        num_generations: G >= 2, responses sampled per prompt (the group); default 4.
         max_new_tokens: longest response sampled, in tokens; default 64.
         temperature: sampling temperature (> 0); default 1.0.
         top_p: nucleus sampling mass in (0, 1]; default 1.0 (off).
-        beta: KL coefficient to the reference (the model with the adapter off; k3 estimate); 0 disables;
-            default 0.04.
-        clip_range: PPO clipping eps of the ratio; with one update per rollout the ratio is 1, so it only
-            matters for later multi-update steps; default 0.2.
+        reward_functions: ``"module:function"`` or ``"path/to/file.py:function"`` specs of
+            ``fn(prompt, response, row) -> float`` (see ``tuneforge.eval.functions``).
+        reward_weights: one weight per reward function (default 1.0 each); the reward is the weighted sum.
+        reward_model: a reward-model run directory (``method: reward``) whose score of (prompt, response) is
+            added to the reward, times ``reward_model_weight``. At least one of functions and model is needed.
+        reward_model_weight: its weight; default 1.0.
+        clip_range: PPO clipping eps of the probability ratio pi / pi_old; default 0.2.
+        ppo_epochs: passes of updates over each rollout batch (TRL's ``num_ppo_epochs``, GRPO's
+            ``num_iterations``); with 1 pass and 1 mini-batch pi_old is the policy itself (ratio 1).
+        mini_batches: optimiser updates per pass: the step's ``train.grad_accum`` micro-batches are split into
+            this many groups, each one update (must divide ``train.grad_accum``); default 1.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    reward_functions: list = field(default_factory=list)
+    reward_weights: Optional[list] = None
+    reward_model: Optional[str] = None
+    reward_model_weight: float = 1.0
+    clip_range: float = 0.2
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+
+
+@dataclass
+class GRPOConfig(RolloutConfig):
+    """``method: grpo | rloo``: critic-free online RL; G responses are sampled per prompt, scored by reward
+    functions (or a reward model), and each is reinforced by its advantage over the others of its group.
+    Sampling, rewards and updates per rollout: see :class:`RolloutConfig`.
+
+    Attributes:
+        num_generations: G >= 2, responses sampled per prompt (the group); default 4.
+        beta: KL coefficient to the reference (the model with the adapter off, or a frozen copy for full
+            fine-tuning; k3 estimate); 0 disables; default 0.04.
         normalisation: ``token`` (every response token of the step weighs the same, DAPO) or ``sequence``
             (mean per response, then over responses, GRPO's eq. 3); default ``token``.
         scale_by_std: GRPO only: divide each group's centred rewards by its std (False: Dr. GRPO); RLOO never
             scales; default True.
-        reward_functions: ``"module:function"`` or ``"path/to/file.py:function"`` specs of
-            ``fn(prompt, response, row) -> float`` (see ``tuneforge.eval.functions``); required, non-empty.
-        reward_weights: one weight per reward function (default 1.0 each); the reward is the weighted sum.
     """
 
     num_generations: int = 4
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
     beta: float = 0.04
-    clip_range: float = 0.2
     normalisation: Literal["token", "sequence"] = "token"
     scale_by_std: bool = True
-    reward_functions: list = field(default_factory=list)
-    reward_weights: Optional[list] = None
 
 
-METHODS = ("sft", "reward", "dpo", "simpo", "orpo", "kto", "grpo", "rloo")
+@dataclass
+class PPOConfig(RolloutConfig):
+    """``method: ppo``: one response per prompt, scored by a reward model (or functions); a KL penalty to the
+    reference at every token; GAE advantages from a value head on the policy's hidden states; several clipped
+    updates per rollout batch. Sampling, rewards, ``ppo_epochs`` and ``mini_batches``: see :class:`RolloutConfig`.
+
+    Attributes:
+        ppo_epochs: passes over each rollout batch; default 4 (TRL's).
+        kl_coef: beta of the per-token penalty -beta (log pi - log ref); default 0.05.
+        adaptive_kl: adapt beta after each rollout towards ``target_kl`` (Ziegler et al. 2019); default False.
+        target_kl: the KL (nats per response) the adaptive controller aims at; default 6.0.
+        kl_horizon: the controller's horizon in responses; default 10000.
+        gamma: discount of GAE; default 1.0.
+        lam: lambda of GAE; default 0.95.
+        clip_range_value: clipping of the value prediction around its rollout value; default 0.2.
+        vf_coef: weight of the value loss; default 0.1.
+        whiten_advantages: normalise the step's advantages to mean 0, std 1; default True.
+    """
+
+    ppo_epochs: int = 4
+    kl_coef: float = 0.05
+    adaptive_kl: bool = False
+    target_kl: float = 6.0
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+
+
+METHODS = ("sft", "reward", "dpo", "simpo", "orpo", "kto", "grpo", "rloo", "ppo")
+ONLINE_METHODS = ("grpo", "rloo", "ppo")
 
 
 @dataclass
@@ -355,11 +411,11 @@ class RunConfig:
 
     ``method`` picks the recipe: ``sft`` (instruction tuning), ``reward`` (Bradley-Terry reward model), ``dpo``
     (with ``dpo.loss`` choosing DPO, IPO, cDPO, rDPO or hinge), ``simpo``, ``orpo`` (pairs), ``kto`` (unpaired
-    rows), or ``grpo`` / ``rloo`` (online RL from prompts and reward functions). Each method reads its own
-    section; the others are ignored.
+    rows), ``grpo`` / ``rloo`` (online RL from prompts and reward functions) or ``ppo`` (online RL with a value
+    head). Each method reads its own section; the others are ignored.
     """
 
-    method: Literal["sft", "reward", "dpo", "simpo", "orpo", "kto", "grpo", "rloo"] = "sft"
+    method: Literal["sft", "reward", "dpo", "simpo", "orpo", "kto", "grpo", "rloo", "ppo"] = "sft"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -374,9 +430,15 @@ class RunConfig:
     kto: KTOConfig = field(default_factory=KTOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def rollout(self) -> RolloutConfig:
+        """The online RL section of this method: ``ppo`` for ppo, ``grpo`` for grpo and rloo."""
+        return self.ppo if self.method == "ppo" else self.grpo
 
 
 _RANGES: dict[str, tuple[float | None, float | None]] = {
@@ -411,11 +473,17 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "kto.undesirable_weight": (0.0, None),
     "reward.center_coefficient": (0.0, None),
     "grpo.num_generations": (2, None),
-    "grpo.max_new_tokens": (1, None),
-    "grpo.temperature": (1e-6, None),
-    "grpo.top_p": (1e-6, 1.0),
     "grpo.beta": (0.0, None),
-    "grpo.clip_range": (1e-6, None),
+    **{f"{section}.{key}": bounds for section in ("grpo", "ppo") for key, bounds in (
+        ("max_new_tokens", (1, None)), ("temperature", (1e-6, None)), ("top_p", (1e-6, 1.0)),
+        ("clip_range", (1e-6, None)), ("ppo_epochs", (1, None)), ("mini_batches", (1, None)))},
+    "ppo.kl_coef": (0.0, None),
+    "ppo.target_kl": (1e-6, None),
+    "ppo.kl_horizon": (1, None),
+    "ppo.gamma": (0.0, 1.0),
+    "ppo.lam": (0.0, 1.0),
+    "ppo.clip_range_value": (1e-6, None),
+    "ppo.vf_coef": (0.0, None),
 }
 
 
@@ -542,32 +610,33 @@ def _check_method(config: RunConfig) -> None:
                           "log-prob per sequence); packing is for sft only")
     if config.method != "sft" and config.data.train_on_prompt:
         raise ConfigError(f"data.train_on_prompt: method {config.method} scores the responses only")
-    if config.method in ("grpo", "rloo"):
-        _check_grpo(config)
+    if config.method in ONLINE_METHODS:
+        _check_online(config)
 
 
-def _check_grpo(config: RunConfig) -> None:
-    section = config.grpo
+def _check_online(config: RunConfig) -> None:
+    name, section = ("ppo" if config.method == "ppo" else "grpo"), config.rollout
     functions = section.reward_functions
-    if not functions:
-        raise ConfigError(f"grpo.reward_functions: method {config.method} needs at least one reward function, "
-                          "e.g. ['tuneforge.eval.functions:exact_answer'] or ['rewards.py:my_reward']")
+    if not functions and not section.reward_model:
+        raise ConfigError(f"{name}.reward_functions: method {config.method} needs a reward: at least one reward "
+                          "function, e.g. ['tuneforge.eval.functions:exact_answer'] or ['rewards.py:my_reward'], "
+                          f"or {name}.reward_model (a method: reward run directory)")
     if not all(isinstance(spec, str) and ":" in spec for spec in functions):
-        raise ConfigError(f"grpo.reward_functions: expected 'module:function' or 'file.py:function' strings, got "
+        raise ConfigError(f"{name}.reward_functions: expected 'module:function' or 'file.py:function' strings, got "
                           f"{functions!r}")
     weights = section.reward_weights
     if weights is not None:
         if len(weights) != len(functions) or not all(
                 isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
-            raise ConfigError(f"grpo.reward_weights: expected {len(functions)} finite number(s), one per reward "
+            raise ConfigError(f"{name}.reward_weights: expected {len(functions)} finite number(s), one per reward "
                               f"function, got {weights!r}")
+    if config.train.grad_accum % section.mini_batches:
+        raise ConfigError(f"{name}.mini_batches: {section.mini_batches} must divide train.grad_accum="
+                          f"{config.train.grad_accum} (each mini-batch is a group of the step's micro-batches)")
     validates = bool(config.data.validation) or config.data.val_fraction > 0
     if validates and config.eval.metric in ("val_loss", "val_perplexity"):
         raise ConfigError(f"eval.metric: method {config.method} evaluates by generating, and logs val_reward "
                           f"(no {config.eval.metric}); set eval.metric=val_reward")
-    if not config.lora.enabled:
-        raise ConfigError(f"lora.enabled: method {config.method} needs LoRA for now (the reference is the model "
-                          "with its adapter off; a frozen full copy is not implemented yet); set lora.enabled=true")
     if config.distributed.strategy == "fsdp":
         raise ConfigError(f"distributed.strategy: method {config.method} generates with the unsharded model, so it "
                           "runs with ddp only for now; set distributed.strategy=ddp")

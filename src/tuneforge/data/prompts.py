@@ -1,4 +1,4 @@
-"""Prompt-only data for online RL (``method: grpo | rloo``): the model writes the responses during training.
+"""Prompt-only data for online RL (``method: grpo | rloo | ppo``): the model writes the responses during training.
 
 A row has a ``prompt`` (a string, read as one user message, or a list of ``{"role", "content"}`` messages ending
 with a user message) and any other fields; the whole row is kept and handed to the reward functions, so they can
@@ -6,7 +6,7 @@ read ``row["answer"]`` or any other column. ``data.system_prompt`` (or a row's `
 preference data.
 
 Prompts are tokenised segment by segment with the template (as in training and in ``tuneforge.inference``), with
-the assistant header appended. A prompt whose tokens plus ``grpo.max_new_tokens`` exceed ``data.max_length`` is
+the assistant header appended. A prompt whose tokens plus ``max_new_tokens`` (of the ``grpo`` or ``ppo`` section) exceed ``data.max_length`` is
 dropped (``data.on_truncation: drop``, counted in the report) or raises (``raise``).
 """
 
@@ -36,11 +36,13 @@ class PromptRow:
 
 @dataclass
 class PromptExample:
-    """A tokenised prompt: ``input_ids`` end with the assistant header; ``text`` is what those ids spell."""
+    """A tokenised prompt: ``input_ids`` end with the assistant header; ``text`` is what those ids spell;
+    ``messages`` the prompt's turns (a reward model scores them with the response appended)."""
 
     input_ids: list[int]
     text: str
     fields: dict
+    messages: list[Message] | None = None
 
 
 def load_prompt_rows(path: str, config: DataConfig, report: DataReport) -> list[PromptRow]:
@@ -76,8 +78,10 @@ def read_prompt_data(config: RunConfig) -> ReadData:
 def tokenize_prompts(rows: list[PromptRow], template, tokenizer, config: RunConfig,
                      report: DataReport) -> list[PromptExample]:
     """Tokenise each prompt with the assistant header appended; drop (or raise on) prompts that leave no room for
-    ``grpo.max_new_tokens`` within ``data.max_length``."""
-    room = config.data.max_length - config.grpo.max_new_tokens
+    ``max_new_tokens`` within ``data.max_length``."""
+    section = "ppo" if config.method == "ppo" else "grpo"
+    new_tokens = config.rollout.max_new_tokens
+    room = config.data.max_length - new_tokens
     examples = []
     for row in rows:
         segments = template.segments(Conversation(list(row.prompt)), add_generation_prompt=True)
@@ -87,17 +91,17 @@ def tokenize_prompts(rows: list[PromptRow], template, tokenizer, config: RunConf
         if len(ids) > room:
             if config.data.on_truncation == "raise":
                 raise DataError(row.source, row.number, "prompt",
-                                f"{len(ids)} prompt tokens + grpo.max_new_tokens={config.grpo.max_new_tokens} exceed "
+                                f"{len(ids)} prompt tokens + {section}.max_new_tokens={new_tokens} exceed "
                                 f"data.max_length={config.data.max_length}; raise data.max_length or shorten the "
                                 "prompt", "prompt_too_long")
             report.dropped["prompt_too_long"] += 1
             continue
         report.kept += 1
         report.tokens += len(ids)
-        examples.append(PromptExample(ids, "".join(s.text for s in segments), row.fields))
+        examples.append(PromptExample(ids, "".join(s.text for s in segments), row.fields, list(row.prompt)))
     if rows and not examples:
-        raise UserError(f"{report.path}: every prompt is longer than data.max_length - grpo.max_new_tokens = {room} "
-                        "tokens; raise data.max_length or lower grpo.max_new_tokens")
+        raise UserError(f"{report.path}: every prompt is longer than data.max_length - {section}.max_new_tokens = "
+                        f"{room} tokens; raise data.max_length or lower {section}.max_new_tokens")
     return examples
 
 

@@ -75,6 +75,8 @@ class TrainState:
     overfitting_from_step: int | None = None
     # Processes the run trained with: the global batch is batch_size x grad_accum x world_size.
     world_size: int = 1
+    # A method's own running state (PPO's adaptive KL coefficient), JSON values only.
+    method_state: dict = field(default_factory=dict)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -183,11 +185,12 @@ def find_resume_checkpoint(run_dir: Path, explicit: str | None, log=print) -> Pa
     return complete[-1]
 
 
-def _flat(values: dict, prefix: str = "") -> dict:
+def flat_keys(values: dict, prefix: str = "") -> dict:
+    """A nested config dict as dotted keys: {"lora": {"r": 8}} -> {"lora.r": 8}."""
     out = {}
     for key, value in values.items():
         if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flat_keys(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -195,7 +198,7 @@ def _flat(values: dict, prefix: str = "") -> dict:
 
 def config_differences(saved: RunConfig, current: RunConfig) -> list[str]:
     """Keys of :data:`RESUME_KEYS` whose values differ, as ``key: saved -> current``."""
-    old, new = _flat(saved.to_dict()), _flat(current.to_dict())
+    old, new = flat_keys(saved.to_dict()), flat_keys(current.to_dict())
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in RESUME_KEYS if old.get(key) != new.get(key)]
 
 

@@ -14,7 +14,8 @@ from tuneforge.losses.rl import (GROUP_ADVANTAGE_METHODS, GROUP_STD_EPS, GRPO_NO
                                  masked_whiten, per_token_kl, ppo_policy_loss, ppo_rewards, ppo_value_loss)
 from tuneforge.losses.tokens import (IGNORE_INDEX, SequenceLogprobs, count_trained, gather_last, last_token_index,
                                      linear_cross_entropy_sum, linear_token_logprobs, masked_lm_loss_sum,
-                                     reference_lm_loss_sum, sequence_logprobs_from_hidden, token_logprobs)
+                                     reference_lm_loss_sum, sequence_logprobs_from_hidden, token_entropy_from_hidden,
+                                     token_logprobs)
 
 __all__ = [
     "DPO_LOSS_TYPES", "KTOLoss", "PreferenceLoss", "bradley_terry_loss", "dpo_loss", "kto_loss", "log_odds",
@@ -24,5 +25,5 @@ __all__ = [
     "ppo_policy_loss", "ppo_rewards", "ppo_value_loss",
     "IGNORE_INDEX", "SequenceLogprobs", "count_trained", "gather_last", "last_token_index",
     "linear_cross_entropy_sum", "linear_token_logprobs", "masked_lm_loss_sum", "reference_lm_loss_sum",
-    "sequence_logprobs_from_hidden", "token_logprobs",
+    "sequence_logprobs_from_hidden", "token_entropy_from_hidden", "token_logprobs",
 ]

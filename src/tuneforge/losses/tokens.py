@@ -270,6 +270,28 @@ def sequence_logprobs_from_hidden(hidden: torch.Tensor, targets: torch.Tensor, o
     return SequenceLogprobs(sums, selected.sum(dim=-1))
 
 
+@torch.no_grad()
+def token_entropy_from_hidden(hidden: torch.Tensor, output_layer: torch.nn.Module,
+                              chunk_size: int = 1024) -> torch.Tensor:
+    """Entropy of the next-token distribution at each position, H = logsumexp(z) - sum softmax(z) z, in nats.
+
+    A statistic (PPO logs it to show the policy is not collapsing), so no gradient; the output head projects
+    ``chunk_size`` positions at a time, so the (positions, vocab) logits never exist in full.
+
+    Args:
+        hidden: (positions, hidden) final hidden states of the positions to measure.
+        output_layer: the output head (called as a module).
+    Returns:
+        (positions,) float32.
+    """
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = output_layer(hidden[start:start + chunk_size]).float()
+        log_p = torch.log_softmax(logits, dim=-1)
+        pieces.append(-(log_p.exp() * log_p).sum(dim=-1))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
 def reference_lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Plain full-logits cross-entropy sum; the reference the chunked path is tested against."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),

@@ -17,6 +17,10 @@ def recipe_for(method: str) -> type:
         from tuneforge.recipes.grpo import GRPORecipe
 
         return GRPORecipe
+    if method == "ppo":
+        from tuneforge.recipes.ppo import PPORecipe
+
+        return PPORecipe
     from tuneforge.recipes.preference import PreferenceRecipe
 
     return PreferenceRecipe

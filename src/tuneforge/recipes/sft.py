@@ -323,12 +323,18 @@ class SFTRecipe:
         A NaN or infinite loss or gradient norm raises before the optimiser step, so no update (and no
         checkpoint) ever contains it.
         """
-        config = self.config.train
-        loss = self.compute_gradients(window)
+        loss, grad_norm = self.apply_gradients(self.compute_gradients(window))
+        self.scheduler.step()
+        return loss, grad_norm
+
+    def apply_gradients(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Average ``loss`` over ranks, clip the accumulated gradients, check both are finite, step the optimiser
+        and clear the gradients (not the scheduler: online RL updates several times per step). Returns (mean
+        loss over all ranks, grad norm before clipping)."""
         if self.dist.enabled:
             dist.all_reduce(loss)
         parameters = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+        max_norm = self.config.train.max_grad_norm if self.config.train.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
         for name, value in (("loss", loss), ("gradient norm", grad_norm)):
             number = to_float(value)
@@ -337,7 +343,6 @@ class SFTRecipe:
                 raise NonFiniteLossError(f"step {self.state.step + 1}: the {name} is {number}; stopping without "
                                          "saving (lower train.lr, or check the data)")
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
 
@@ -368,6 +373,8 @@ class SFTRecipe:
             try:
                 # A run resumed from its final checkpoint has nothing left to train.
                 stop_reason = self._planned_end() if state.step >= self.total_steps else None
+                if state.step == 0 and config.eval.at_start:
+                    self._evaluate_baseline(metrics)
                 while stop_reason is None:
                     stop_reason = self._train_epoch(metrics, stop)
                 if stop_reason != "interrupted" and not self._evaluated_at_this_step():
@@ -442,6 +449,15 @@ class SFTRecipe:
         if self.dist.enabled:
             dist.all_reduce(flag)
         return bool(flag.item())
+
+    def _evaluate_baseline(self, metrics: MetricsLog) -> None:
+        """The starting model's validation metrics, logged as step 0 (no best-checkpoint or early-stopping
+        bookkeeping: the run is measured against it, it is not a candidate)."""
+        result = self.evaluate()
+        if result is not None:
+            record = {"step": 0, **result}
+            self.history.append(record)
+            metrics.log(record)
 
     def _evaluate_and_track(self, metrics: MetricsLog) -> str | None:
         """Evaluate, log, update the best checkpoint and the early-stopping state; returns a stop reason."""
@@ -518,14 +534,19 @@ class SFTRecipe:
         weights = full_state(self.model) \
             if is_sharded(self.dist, self.config.distributed) else None
         if self.dist.is_main:
-            save_run(self.run_dir, self.config, self.model, self.tokenizer, self.template, self.config.lora.enabled,
-                     state_dict=weights)
+            self._save_model(weights)
             if summary is not None:
                 summary = {**summary, "final_step": final_step, "run_dir": str(self.run_dir)}
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
                 plot_runs([self.run_dir], self.run_dir / "curves.png")
         barrier(self.dist)
         return self.run_dir
+
+
+    def _save_model(self, weights: dict[str, torch.Tensor] | None) -> None:
+        """Write the trained model (adapter or full weights), tokenizer, template and config into the run dir."""
+        save_run(self.run_dir, self.config, self.model, self.tokenizer, self.template, self.config.lora.enabled,
+                 state_dict=weights)
 
 
 def run_recipe_class(recipe_class: type, config: RunConfig, overwrite: bool = False, log=print,
