@@ -2,8 +2,10 @@
 
 It goes on from the SFT run of ``make demo`` (runs/velmora-sft; trained first if missing), trains a LoRA
 adapter with DPO on shipped pairs (a concise, correct answer preferred to a rambling one that buries the same
-answer), and prints before/after: the implicit-reward preference accuracy and margin on held-out pairs, the mean
-length of answers to held-out prompts, and two generations.
+answer), and prints before/after: the implicit-reward preference accuracy and margin on held-out pairs (the
+step-0 values are measured, ``eval.at_start``), then `tuneforge eval` of the SFT model ("before") and the DPO
+run ("after") on 12 held-out prompts (mean answer length, answers that stop by themselves) and on the refusal
+lists, and the run's report (RUN_DIR/report.html).
 
     python examples/demo_align.py [key=value overrides for examples/concise_dpo.yaml]
 """
@@ -11,24 +13,16 @@ length of answers to held-out prompts, and two generations.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
+from demo_sft import evaluate_and_report, log
 from tuneforge.config import load_config
-from tuneforge.data.formats import Message
-from tuneforge.inference import Generator
 from tuneforge.recipes import run_recipe
 from tuneforge.recipes.sft import run_sft
 
 HERE = Path(__file__).parent
-SHOWN = 2  # generations printed before and after (those that changed length the most)
-MAX_NEW_TOKENS = 96
-
-
-def log(message: str) -> None:
-    print("  " + message, flush=True)
 
 
 def main(overrides: list[str]) -> int:
@@ -39,48 +33,33 @@ def main(overrides: list[str]) -> int:
         print("== no SFT run at runs/velmora-sft: training the SFT stage first (as `make demo` does)", flush=True)
         run_sft(load_config(HERE / "velmora_sft.yaml"), overwrite=True, log=log)
 
-    prompts = [json.loads(line)["messages"][0]["content"]
-               for line in (HERE / "data" / "concise_prompts_eval.jsonl").read_text().splitlines() if line.strip()]
-    print(f"== before: {start_model}", flush=True)
-    before = _answers(start_model, prompts)
-
     print(f"== training: DPO (beta {config.dpo.beta}, LoRA r={config.lora.r}) for {config.train.epochs} epochs "
           f"-> {config.train.output_dir}", flush=True)
     # The demo owns its run directory and replaces it on every run (a tuneforge-made folder only).
     summary = run_recipe(config, overwrite=True, log=log)
-
-    print("== after: SFT model + DPO adapter", flush=True)
-    after = _answers(summary["run_dir"], prompts)
-
-    words_before = sum(len(a.split()) for a in before) / len(before)
-    words_after = sum(len(a.split()) for a in after) / len(after)
+    run_dir = Path(summary["run_dir"])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    start = next(r for r in records if r["step"] == 0 and "val_loss" in r)
     print()
-    print(f"{'held-out metric':<52}{'before':>10}{'after':>10}")
-    # Before training the policy is the reference: every implicit reward is 0 and the DPO loss is ln 2.
-    print(f"{'DPO loss on held-out pairs':<52}{math.log(2):>10.3f}{summary['val_loss']:>10.3f}")
-    print(f"{'pairs whose implicit reward ranks concise first':<52}{0.0:>10.1%}"
+    print(f"{'held-out pairs (40)':<52}{'step 0':>10}{'after':>10}")
+    # At step 0 the policy is the reference: every implicit reward is 0 and the DPO loss is ln 2.
+    print(f"{'DPO loss':<52}{start['val_loss']:>10.3f}{summary['val_loss']:>10.3f}")
+    print(f"{'pairs whose implicit reward ranks concise first':<52}{start['val_reward_accuracy']:>10.1%}"
           f"{summary['val_reward_accuracy']:>10.1%}")
-    print(f"{'mean implicit reward margin (chosen - rejected)':<52}{0.0:>10.3f}{summary['val_reward_margin']:>10.3f}")
-    print(f"{'mean answer length on held-out prompts (words)':<52}{words_before:>10.1f}{words_after:>10.1f}")
+    print(f"{'mean implicit reward margin (chosen - rejected)':<52}{start['val_reward_margin']:>10.3f}"
+          f"{summary['val_reward_margin']:>10.3f}")
     print()
-    # The held-out prompts whose answers changed length the most.
-    changed = sorted(zip(prompts, before, after), key=lambda t: len(t[2].split()) - len(t[1].split()))
-    for prompt, old, new in changed[:SHOWN]:
-        print(f"Q: {prompt}\n  before: {old}\n  after:  {new}")
-    print()
-    run_dir = summary["run_dir"]
-    print(f"run directory: {run_dir} (adapter/, config.yaml, metrics.jsonl); curves: {run_dir}/curves.png")
-    print(f"demo finished in {time.perf_counter() - started:.0f} s; training {summary['elapsed_s']:.0f} s")
-    if words_after >= words_before or summary["val_reward_accuracy"] <= 0.5:
+
+    data = HERE / "data"
+    report = evaluate_and_report(str(run_dir), start_model, {
+        "data": str(data / "concise_prompts_eval.jsonl"), "harmful": str(data / "harmful_prompts.jsonl"),
+        "benign": str(data / "benign_prompts.jsonl"), "max_new_tokens": 96, "samples": 3, "batch_size": 16})
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    print(f"training {summary['elapsed_s']:.0f} s; demo finished in {time.perf_counter() - started:.0f} s")
+    if after["mean_response_words"] >= before["mean_response_words"] or summary["val_reward_accuracy"] <= 0.5:
         print("demo FAILED: no measurable preference learned", file=sys.stderr)
         return 1
     return 0
-
-
-def _answers(model: str, prompts: list[str]) -> list[str]:
-    generator = Generator.load(model)
-    return [a.strip() for a in generator.generate([[Message("user", p)] for p in prompts],
-                                                   max_new_tokens=MAX_NEW_TOKENS)]
 
 
 if __name__ == "__main__":

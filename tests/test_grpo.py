@@ -15,7 +15,8 @@ from tuneforge.config import config_from_dict
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.losses import masked_mean
 from tuneforge.recipes import recipe_for
-from tuneforge.recipes.grpo import GRPORecipe, per_token_logprobs, response_mask
+from tuneforge.recipes.grpo import GRPORecipe
+from tuneforge.recipes.online import per_token_logprobs, response_mask
 
 HERE = Path(__file__).resolve()
 # Prompts of different lengths, so a micro-batch has left padding.

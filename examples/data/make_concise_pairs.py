@@ -5,7 +5,7 @@ Writes, next to this file:
   ``{"prompt", "chosen", "rejected"}``: ``chosen`` answers in one or two short sentences (5-30 words);
   ``rejected`` gives the same correct answer buried in 60-150 words of filler, hedging, tangents and
   repetition. Both contain the answer, so the pair differs in style only.
-- ``concise_prompts_eval.jsonl``: 12 held-out prompts (``messages`` rows) for mean response length before and
+- ``concise_prompts_eval.jsonl``: 12 held-out prompts (``prompt`` rows, as `tuneforge eval` and GRPO read them) for mean response length before and
   after training.
 
 Every question and answer was written by hand for this project (Velmora questions use the facts of
@@ -667,7 +667,7 @@ def main() -> None:
     _write(HERE / "concise_pairs_train.jsonl", train)
     _write(HERE / "concise_pairs_eval.jsonl", evaluation)
     _write(HERE / "concise_prompts_eval.jsonl",
-           [{"messages": [{"role": "user", "content": prompt}]} for prompt in LENGTH_PROMPTS])
+           [{"prompt": prompt} for prompt in LENGTH_PROMPTS])
     print(f"wrote {len(train)} train pairs, {len(evaluation)} eval pairs ({len(ITEMS['velmora'])} of all "
           f"{len(train) + len(evaluation)} about Velmora), "
           f"{len(LENGTH_PROMPTS)} length prompts")

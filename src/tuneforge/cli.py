@@ -54,7 +54,7 @@ def _preview(args) -> int:
     from tuneforge.models.loading import load_tokenizer, resolve_model
 
     config = load_config(args.config, args.overrides)
-    if config.method in ("grpo", "rloo"):
+    if config.method in ("grpo", "rloo", "ppo"):
         return _preview_prompts(args, config)
     if config.method != "sft":
         return _preview_preference(args, config)
@@ -111,8 +111,9 @@ def _preview_prompts(args, config) -> int:
     tokenizer = load_tokenizer(resolve_model(config.model.name_or_path))
     template = load_template(config.data.template, tokenizer)
     prepared = tokenize_prompt_data(read, config, tokenizer, template)
+    count = 1 if config.method == "ppo" else config.grpo.num_generations
     print(f"method: {config.method}; template: {template.name}; each prompt as the model sees it before sampling "
-          f"{config.grpo.num_generations} responses")
+          f"{count} response{'s' if count > 1 else ''}")
     for example in prepared.train[: args.n]:
         print(f"--- {len(example.input_ids)} tokens; row fields: {', '.join(sorted(example.fields))}")
         print(example.text)
@@ -231,6 +232,20 @@ def _score(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from tuneforge.eval.evaluate import main as run_eval
+
+    return run_eval(args)
+
+
+def _report(args) -> int:
+    from tuneforge.eval.report import write_report
+
+    files = write_report(args.run_dir, compare=args.compare or [], out=args.out, samples=args.samples)
+    print(f"wrote {files.html} and {files.markdown} (figures: {', '.join(str(p) for p in files.figures)})")
+    return 0
+
+
 def _bench(args) -> int:
     from tuneforge.bench import run_bench
 
@@ -270,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
 
     train = verbs.add_parser(
-        "train", help="train with the method named in the config (sft, reward, dpo, simpo, orpo, kto, grpo, rloo); "
+        "train", help="train with the method named in the config (sft, reward, dpo, simpo, orpo, kto, grpo, rloo, ppo); "
                               "works under torchrun",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train from a YAML config plus key=value overrides with dotted keys "
@@ -345,6 +360,54 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=8)
     score.add_argument("--max-length", type=int, default=1024, help="longer rows keep their last tokens")
     score.set_defaults(func=_score)
+
+    ev = verbs.add_parser("eval", help="measure a model or run (and others beside it); writes eval.json",
+                          description="Held-out loss, generation metrics against references, user metrics, behaviour "
+                                      "(stops by itself, refusals, length), preference accuracy and a reward-model "
+                                      "win rate, for one model and any --compare ones. Metrics: docs/evaluation.md.")
+    ev.add_argument("model", nargs="?", metavar="MODEL_OR_RUN", help=MODEL_HELP + " (put it first)")
+    ev.add_argument("--config", help="YAML file with the same keys as these flags (flags override it)")
+    ev.add_argument("--data", help="held-out rows: SFT rows (reference = last assistant message) or prompt-only rows")
+    ev.add_argument("--pairs", help="preference pairs (prompt/chosen/rejected) for preference accuracy")
+    ev.add_argument("--harmful", help="prompts that should be refused (refusal_rate_harmful)")
+    ev.add_argument("--benign", help="prompts that should be answered (refusal_rate_benign: over-refusal)")
+    ev.add_argument("--metrics", nargs="+", action="extend", metavar="METRIC",
+                    help="metric names and user metrics module:fn or file.py:fn (default: all the files allow)")
+    ev.add_argument("--compare", nargs="+", action="extend", metavar="MODEL",
+                    help="more models or runs, one column each")
+    ev.add_argument("--label", nargs="+", action="extend", dest="labels", metavar="NAME",
+                    help="column names, in model order")
+    ev.add_argument("--judge", help="reward model that judges the model against the first --compare one")
+    ev.add_argument("--beta", type=float, help="implicit reward beta (default: the run's dpo.beta, else 0.1)")
+    ev.add_argument("--max-new-tokens", type=int, help="default 64")
+    ev.add_argument("--temperature", type=float, help="0 = greedy (default)")
+    ev.add_argument("--top-p", type=float)
+    ev.add_argument("--seed", type=int, help="seeds sampling (default 0)")
+    ev.add_argument("--batch-size", type=int, help="default 8")
+    ev.add_argument("--max-length", type=int, help="longest sequence for loss and pairs (default 1024)")
+    ev.add_argument("--template", help="template override (default: the run's own, else the tokenizer's)")
+    ev.add_argument("--system-prompt", help="system message for rows that have none")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--limit", type=int, help="first N rows of each file")
+    ev.add_argument("--samples", type=int, help="prompts stored with every model's answer (default 5)")
+    ev.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks")
+    ev.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task")
+    ev.add_argument("--out", help="eval.json path (default RUN_DIR/eval.json; an existing one becomes eval.N.json)")
+    ev.set_defaults(func=_eval)
+
+    report = verbs.add_parser(
+        "report", help="one self-contained HTML page (and Markdown) for a run: config, curves, evaluation, samples",
+        description="Write RUN_DIR/report.html and report.md (figures beside them as report-*.png): the run's "
+                    "config, its training curves, the evaluation in RUN_DIR/eval.json (written by tuneforge eval) "
+                    "and generations side by side. The HTML has no external resources: it opens offline and can be "
+                    "mailed. A previous report is replaced; any other existing file is never overwritten.")
+    report.add_argument("run_dir", help="a run directory (train.output_dir)")
+    report.add_argument("--compare", nargs="+", action="extend", metavar="OTHER_RUN_DIR",
+                        help="more run directories: their curves on the same figures, their evaluations beside")
+    report.add_argument("--out", help="OUT.html (OUT.md and OUT-*.png beside it), or a folder for report.html "
+                                      "(default: RUN_DIR/report.html)")
+    report.add_argument("--samples", type=int, default=5, help="prompts shown side by side (default 5)")
+    report.set_defaults(func=_report)
 
     bench = verbs.add_parser("bench", help="time a short fixed training workload; prints one JSON line",
                              description="Throughput (tokens/s, padding excluded), peak memory and model FLOPs "

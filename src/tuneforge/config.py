@@ -169,21 +169,41 @@ class TrainConfig:
     gradient_checkpointing: bool = False
 
 
+# Names eval.generation_metrics accepts besides user metrics: the answer metrics of
+# tuneforge.eval.evaluate.generation_metrics (a test keeps the two in step). Each is logged as val_gen_<name>.
+GENERATION_METRICS = ("exact_match", "contains", "token_f1", "rouge_l", "regex_match", "stopped_rate",
+                      "mean_response_words")
+GENERATION_PREFIX = "val_gen_"
+
+
 @dataclass
 class EvalConfig:
-    """Validation during training and early stopping (needs ``data.validation`` or ``data.val_fraction``).
+    """Validation during training and early stopping (needs ``data.validation`` or ``data.val_fraction``, or
+    ``generation_data``).
 
     Attributes:
         every: evaluate every N optimiser steps; 0 evaluates only at the end of each epoch (always done).
         metric: validation metric that picks the best checkpoint and drives early stopping
-            (``val_loss``, ``val_perplexity``, or any other logged ``val_*`` metric).
-        mode: ``min`` or ``max``; ``auto`` means min for losses and perplexities, max otherwise.
+            (``val_loss``, ``val_perplexity``, or any other logged ``val_*`` metric, ``val_gen_*`` included).
+        mode: ``min`` or ``max``; ``auto`` means min for losses and perplexities, max otherwise
+            (``val_gen_mean_response_words`` has no better direction: give ``min`` or ``max``).
         patience: stop after this many evaluations without an improvement of at least ``min_delta``
             (0 disables early stopping).
         min_delta: smallest change of the metric that counts as an improvement.
         final: what the run directory holds at the end: the ``best`` checkpoint by ``metric`` or the ``last``.
         at_start: also evaluate before the first step (logged as step 0: the baseline the curves start from;
             it does not compete for the best checkpoint).
+        generation_data: held-out prompts the model answers greedily at each evaluation (the formats
+            ``tuneforge eval --data`` reads: SFT rows, whose last assistant message is the reference, or
+            prompt-only rows); relative to the config file like the data paths; default None (off).
+        generation_metrics: what is computed from the answers, each logged as ``val_gen_<name>``:
+            ``exact_match``, ``contains``, ``token_f1``, ``rouge_l``, ``regex_match`` (rows with a ``pattern``),
+            ``stopped_rate``, ``mean_response_words`` (defined in docs/evaluation.md), and user metrics
+            ``"module:function"`` / ``"path/to/file.py:function"`` (``fn(prompt, response, row) -> float``,
+            logged as ``val_gen_<function>``); default all but ``regex_match``.
+        generation_rows: answer only the first N rows of ``generation_data`` (generation is the slow part of an
+            evaluation); default 32.
+        max_new_tokens: longest answer in tokens; default 64.
     """
 
     every: int = 0
@@ -193,11 +213,62 @@ class EvalConfig:
     min_delta: float = 0.0
     final: Literal["best", "last"] = "best"
     at_start: bool = False
+    generation_data: Optional[str] = None
+    generation_metrics: list = field(default_factory=lambda: [
+        "exact_match", "contains", "token_f1", "rouge_l", "stopped_rate", "mean_response_words"])
+    generation_rows: int = 32
+    max_new_tokens: int = 64
 
     def minimise(self) -> bool:
         if self.mode != "auto":
             return self.mode == "min"
         return "loss" in self.metric or "perplexity" in self.metric
+
+    def generation_keys(self) -> dict[str, str]:
+        """The logged name of each ``generation_metrics`` entry (``val_gen_<name>``, a user metric's function
+        name) -> the entry."""
+        return {GENERATION_PREFIX + spec.rpartition(":")[2]: spec for spec in self.generation_metrics}
+
+    def check(self, method: str, validates: bool, strategy: str) -> None:
+        """The generation options against each other and the run; ``validates``: the run has validation rows."""
+        if self.generation_data and not self.generation_metrics:
+            raise ConfigError("eval.generation_metrics: empty, so eval.generation_data would be answered for nothing; "
+                              "name at least one metric, or unset eval.generation_data")
+        for spec in self.generation_metrics:
+            known = isinstance(spec, str) and (spec in GENERATION_METRICS
+                                               or (":" in spec and spec.rpartition(":")[2].isidentifier()))
+            if not known:
+                close = difflib.get_close_matches(str(spec), GENERATION_METRICS, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"eval.generation_metrics: unknown metric {spec!r}{hint}; use any of "
+                                  f"{', '.join(GENERATION_METRICS)}, or a user metric 'module:function' or "
+                                  "'path/to/file.py:function'")
+        keys = self.generation_keys()
+        if len(keys) < len(self.generation_metrics):
+            raise ConfigError(f"eval.generation_metrics: two entries would both be logged as the same val_gen_* name "
+                              f"in {self.generation_metrics!r}; list each metric once, and give user functions "
+                              "different names")
+        if self.metric.startswith(GENERATION_PREFIX):
+            if not self.generation_data:
+                raise ConfigError(f"eval.metric: {self.metric} is measured on eval.generation_data, which is not "
+                                  "set; give a file of held-out prompts with references")
+            if self.metric not in keys:
+                raise ConfigError(f"eval.metric: {self.metric} is not among the generation metrics "
+                                  f"({', '.join(keys) or 'none'}); add it to eval.generation_metrics")
+            if self.metric == GENERATION_PREFIX + "mean_response_words" and self.mode == "auto":
+                raise ConfigError(f"eval.mode: {self.metric} is neither better high nor low; set eval.mode=min or "
+                                  "eval.mode=max")
+        if not self.generation_data:
+            return
+        if method == "reward":
+            raise ConfigError("eval.generation_data: method reward trains a scoring model, which does not generate; "
+                              "unset eval.generation_data")
+        if strategy == "fsdp":
+            raise ConfigError("eval.generation_data: generation runs on the unsharded model, so it runs with ddp only "
+                              "for now; set distributed.strategy=ddp or unset eval.generation_data")
+        if not validates and not self.metric.startswith(GENERATION_PREFIX):
+            raise ConfigError(f"eval.metric: the run has no validation rows, so {self.metric} is never measured; set "
+                              f"eval.metric to a generation metric ({', '.join(keys)}), or add data.validation")
 
 
 @dataclass
@@ -462,6 +533,8 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "eval.every": (0, None),
     "eval.patience": (0, None),
     "eval.min_delta": (0.0, None),
+    "eval.generation_rows": (1, None),
+    "eval.max_new_tokens": (1, None),
     "save.every": (0, None),
     "save.keep_last": (1, None),
     "dpo.beta": (1e-6, None),
@@ -583,6 +656,8 @@ def _check_ranges(config: RunConfig) -> None:
     if not config.eval.metric.startswith("val_"):
         raise ConfigError(f"eval.metric: {config.eval.metric!r} is not a validation metric; use val_loss, "
                           "val_perplexity or another logged val_* metric")
+    config.eval.check(config.method, bool(config.data.validation) or config.data.val_fraction > 0,
+                      config.distributed.strategy)
     known_loggers = ("tensorboard", "wandb", "mlflow")
     for name in config.log.loggers:
         if name not in known_loggers:
@@ -729,6 +804,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
                     candidate = path.parent / data[key]
                     if candidate.exists() or not Path(data[key]).exists():
                         data[key] = str(candidate)
+        evaluation = values.get("eval")
+        generation = evaluation.get("generation_data") if isinstance(evaluation, dict) else None
+        if isinstance(generation, str) and not Path(generation).is_absolute():
+            candidate = path.parent / generation  # as the data paths above
+            if candidate.exists() or not Path(generation).exists():
+                evaluation["generation_data"] = str(candidate)
     values = apply_overrides(values, overrides or [])
     return config_from_dict(values)
 

@@ -63,21 +63,32 @@ class Generator:
     def stop_ids(self) -> list[int]:
         return stop_ids(self.tokenizer, self.template)
 
-    @torch.no_grad()
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        """Token ids of a prompt with the assistant header appended, tokenised segment by segment exactly as in
+        training."""
+        ids: list[int] = []
+        for segment in self.template.segments(_as_conversation(messages), add_generation_prompt=True):
+            ids += encode_text(self.tokenizer, segment.text)
+        return ids
+
     def generate(self, conversations: list[list[Message]], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, batch_size: int = 8) -> list[str]:
         """Answer the last user turn of each conversation. Greedy when ``temperature`` is 0.
 
         Prompts are tokenised segment by segment exactly as in training, then left-padded into batches.
         """
-        prompts = []
-        for messages in conversations:
-            ids: list[int] = []
-            for segment in self.template.segments(_as_conversation(messages), add_generation_prompt=True):
-                ids += encode_text(self.tokenizer, segment.text)
-            prompts.append(ids)
+        return [g.text for g in self.generate_responses(conversations, max_new_tokens, temperature, top_p,
+                                                        batch_size)]
+
+    @torch.no_grad()
+    def generate_responses(self, conversations: list[list[Message]], max_new_tokens: int = 64,
+                           temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8) -> list["Generation"]:
+        """:meth:`generate` with more than the text: whether each response stopped by itself (see
+        :class:`Generation`) and its token count, in the order of ``conversations``."""
+        prompts = [self.prompt_ids(messages) for messages in conversations]
         pad = self.tokenizer.pad_token_id
-        outputs: list[str] = []
+        stops = self.stop_ids()
+        outputs: list[Generation] = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             width = max(len(p) for p in chunk)
@@ -89,19 +100,37 @@ class Generator:
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
                 {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
             generated = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                                            max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids(),
+                                            max_new_tokens=max_new_tokens, eos_token_id=stops,
                                             pad_token_id=pad, **sampling)
-            for row in generated[:, width:]:
-                outputs.append(self._decode(row.tolist()))
+            for row in generated[:, width:].tolist():
+                outputs.append(self._generation(row, stops))
         return outputs
 
-    def _decode(self, ids: list[int]) -> str:
-        stops = set(self.stop_ids())
-        for index, token in enumerate(ids):
-            if token in stops:
-                ids = ids[:index]
-                break
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    def _generation(self, ids: list[int], stops: list[int]) -> "Generation":
+        """The text before the first stop token; ``ids`` are untrimmed (a finished row is padded after its stop
+        token, often with EOS itself, so only the first stop counts)."""
+        stop_set = set(stops)
+        end = next((i for i, token in enumerate(ids) if token in stop_set), None)
+        if end is not None:
+            ids = ids[:end]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return Generation(text, end is not None, len(ids))
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated response.
+
+    Attributes:
+        text: the decoded response, cut before its first stop token, special tokens dropped, stripped.
+        stopped: True when the model produced a stop token (EOS or the template's end of turn) within
+            ``max_new_tokens``: it answered and stopped, rather than continuing the text up to the limit.
+        num_tokens: generated tokens before the stop token (the limit when it did not stop).
+    """
+
+    text: str
+    stopped: bool
+    num_tokens: int
 
 
 def _as_conversation(messages: list[Message]) -> Conversation:

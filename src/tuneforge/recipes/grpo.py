@@ -18,8 +18,7 @@ import torch
 
 from tuneforge.engine.step import autocast
 from tuneforge.losses import group_advantages, grpo_loss
-from tuneforge.recipes.online import (OnlineRLRecipe, PromptBatch, Samples, left_pad, per_token_logprobs,  # noqa: F401
-                                      response_mask)
+from tuneforge.recipes.online import OnlineRLRecipe, PromptBatch, Samples
 
 
 @dataclass

@@ -32,7 +32,6 @@ faster generation engine: see ``docs/training.md`` ("Generation in online RL").
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -233,6 +232,7 @@ class OnlineRLRecipe(SFTRecipe):
     divided by: tokens or responses)."""
 
     generations = 1
+    reference_is_start = True
     # Per step, summed over this rank's responses; names index ``_rollout_stats``.
     ROLLOUT_STATS = ("reward_sum", "reward_sq_sum", "responses", "length_sum", "stopped")
 
@@ -279,14 +279,6 @@ class OnlineRLRecipe(SFTRecipe):
         return int(sum(int(r.samples.attention_mask.sum()) for r in self.last_rollouts))
 
     # ------------------------------------------------------------------------------------------ model hooks
-    def _build_model(self, source) -> torch.nn.Module:
-        if source.adapter is not None and self.config.lora.enabled:
-            # Starting from a LoRA run (typically the SFT stage): fold its adapter into the base, so "adapter off"
-            # is exactly the starting model, the reference.
-            source = dataclasses.replace(source, merged_adapters=source.merged_adapters + [source.adapter],
-                                         adapter=None)
-        return super()._build_model(source)
-
     def _before_wrap(self) -> None:
         if self.config.lora.enabled and not is_peft(self.model):
             raise ConfigError(f"method {self.method} needs a PEFT (LoRA) model")  # impossible: _build_model adds one

@@ -52,6 +52,8 @@ def rows(sequences, start: int, stop: int):
 class PreferenceRecipe(SFTRecipe):
     """``method: dpo | simpo | orpo | kto``. See the module docstring; the loop itself is :class:`SFTRecipe`'s."""
 
+    reference_is_start = True
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.method = self.config.method
@@ -108,14 +110,6 @@ class PreferenceRecipe(SFTRecipe):
         return sum(batch.sequences.global_tokens for batch in window)
 
     # ------------------------------------------------------------------------------------------ model hooks
-    def _build_model(self, source) -> torch.nn.Module:
-        if source.adapter is not None and self.config.lora.enabled:
-            # Starting from a LoRA run (typically the SFT stage): that run's model is the reference, so its adapter
-            # is folded into the base and a fresh adapter trains on top; "adapter off" is then exactly the start.
-            source = dataclasses.replace(source, merged_adapters=source.merged_adapters + [source.adapter],
-                                         adapter=None)
-        return super()._build_model(source)
-
     def _before_wrap(self) -> None:
         """Set up the reference while the model is still the starting one (no checkpoint loaded) and whole (not yet
         sharded by FSDP). With several processes every rank precomputes every example: simple, and a forward-only

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tuneforge.config import RunConfig, save_config
+from tuneforge.config import GENERATION_METRICS, GENERATION_PREFIX, DataConfig, RunConfig, save_config
 from tuneforge.data.collate import Batch
 from tuneforge.data.dataset import EpochBatches, make_batches
 from tuneforge.data.prepare import read_data, tokenize_data
@@ -37,7 +37,11 @@ from tuneforge.engine.rundir import check_run_dir, prepare_run_dir, save_run
 from tuneforge.engine.signals import StopRequest
 from tuneforge.engine.step import (autocast, bf16_autocast_enabled, lm_loss_sum, loss_and_perplexity, move,
                                    summed_eval_loss)
-from tuneforge.errors import UserError
+from tuneforge.errors import ConfigError, DataError, UserError
+from tuneforge.eval.evaluate import _check_patterns, generation_metrics, user_metric_means
+from tuneforge.eval.functions import RewardFunctions, load_callable
+from tuneforge.eval.heldout import HeldoutRow, read_heldout
+from tuneforge.inference import Generation, Generator
 from tuneforge.models.adapters import add_lora, causal_lm, prepare_quantized
 from tuneforge.models.dropout import use_fast_dropout
 from tuneforge.models.memory import GB, device_memory_bytes, shape_from_config
@@ -77,6 +81,9 @@ class SFTRecipe:
     # The kind of model the method trains: a causal LM (``lm``) or a scalar-head reward model (``reward``).
     model_head = "lm"
     lora_task_type = "CAUSAL_LM"
+    # Methods with a reference model (the starting model) set this: a LoRA run to start from is folded into the
+    # base, so the model with its (fresh) adapter off is the reference. SFT goes on training the run's adapter.
+    reference_is_start = False
 
     def __init__(self, config: RunConfig, overwrite: bool = False, log=print, show_progress: bool | None = None,
                  run_dir: bool = True, resume: bool | str = False, force: bool = False):
@@ -93,6 +100,8 @@ class SFTRecipe:
         self._clock_start = time.perf_counter()
         self._losses_since_eval: list[float] = []
         self._log = log
+        self.generation_rows: list[HeldoutRow] = []  # eval.generation_data's prompts (read in setup)
+        self.generation_functions: RewardFunctions | None = None  # its user metrics, keyed by function name
 
     def log(self, message: str) -> None:
         if self.dist.is_main:
@@ -123,6 +132,7 @@ class SFTRecipe:
         seed_everything(config.train.seed)
         # Data first: every row is validated before the model is even looked up.
         read = self._read_data()
+        self._read_generation_data()
         source = resolve_model(config.model.name_or_path)
         self.tokenizer = load_tokenizer(source)
         self.template = load_template(config.data.template, self.tokenizer)
@@ -181,6 +191,36 @@ class SFTRecipe:
     def _tokenize_data(self, read):
         return tokenize_data(read, self.config, self.tokenizer, self.template)
 
+    def _read_generation_data(self) -> None:
+        """Read ``eval.generation_data`` (its first ``eval.generation_rows`` prompts) and import the user metrics,
+        so a bad file, row or metric fails before the model loads; sets ``generation_rows``."""
+        evaluation = self.config.eval
+        path = evaluation.generation_data
+        if not path:
+            return
+        if not Path(path).exists():
+            raise ConfigError(f"eval.generation_data: file {path} does not exist")
+        rows = read_heldout(path, DataConfig(train=path, system_prompt=self.config.data.system_prompt)).rows
+        rows = rows[:evaluation.generation_rows]
+        if not rows:
+            raise DataError(path, None, None, "no prompt to answer (rows need a prompt, or a user message before "
+                            "an assistant one)", "no_prompts")
+        _check_patterns(rows)
+        # The metrics these rows can give (a reference metric needs a row with a reference, regex_match a row with
+        # a pattern): generation_metrics' own rule, applied to empty answers.
+        available = generation_metrics(rows, [Generation("", False, 0)] * len(rows), set(GENERATION_METRICS))
+        for name in evaluation.generation_metrics:
+            if name in GENERATION_METRICS and name not in available:
+                need = "a 'pattern' field" if name == "regex_match" else "a reference response"
+                raise DataError(path, None, None, f"eval.generation_metrics: {name} needs rows with {need}, and none "
+                                f"of the first {len(rows)} rows has one; drop {name} or use other rows", "no_reference")
+        users = {key[len(GENERATION_PREFIX):]: load_callable(spec)
+                 for key, spec in evaluation.generation_keys().items() if ":" in spec}
+        self.generation_functions = RewardFunctions(users) if users else None
+        self.generation_rows = rows
+        self.log(f"generation evaluation: {len(rows)} prompts of {path}, up to {evaluation.max_new_tokens} new "
+                 f"tokens, greedy; {', '.join(evaluation.generation_keys())}")
+
     def _before_wrap(self) -> None:
         """Called once the model is built, before it is wrapped for DDP / FSDP (so it is whole on every rank) and
         before the optimiser and any checkpoint are loaded (so it is still the starting model)."""
@@ -202,6 +242,11 @@ class SFTRecipe:
 
     def _build_model(self, source) -> torch.nn.Module:
         config = self.config
+        if self.reference_is_start and source.adapter is not None and config.lora.enabled:
+            # Starting from a LoRA run (typically the SFT stage): that run's model is the reference, so its adapter
+            # is folded into the base and a fresh adapter trains on top; "adapter off" is then exactly the start.
+            source = dataclasses.replace(source, merged_adapters=source.merged_adapters + [source.adapter],
+                                         adapter=None)
         # The config, not a run the model starts from, decides the quantization of the base being trained.
         quantization = Quantization.from_model_config(config.model)
         source = dataclasses.replace(source, quantization=quantization)
@@ -450,10 +495,48 @@ class SFTRecipe:
             dist.all_reduce(flag)
         return bool(flag.item())
 
+    @torch.no_grad()
+    def evaluate_generation(self) -> dict[str, float]:
+        """Greedy answers of the current model (adapter on, eval mode) to ``generation_rows``, each rank answering
+        its share, and their metrics as ``val_gen_<name>``; every rank computes them on all the answers, so all
+        agree (early stopping must stop every rank at the same step)."""
+        evaluation, world = self.config.eval, self.dist.world_size
+        rows = self.generation_rows
+        prompts = [row.prompt for row in rows[self.dist.rank::world]]
+        generator = Generator(self.model, self.tokenizer, self.template, self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with autocast(self.device, self.bf16):
+                answers = generator.generate_responses(prompts, evaluation.max_new_tokens,
+                                                       batch_size=self.config.train.batch_size)
+        finally:
+            self.model.train(was_training)
+        if self.dist.enabled:
+            shares: list = [None] * world
+            dist.all_gather_object(shares, answers)
+            answers = [None] * len(rows)
+            for rank, share in enumerate(shares):
+                answers[rank::world] = share
+        result = generation_metrics(rows, answers, set(evaluation.generation_metrics))
+        if self.generation_functions is not None:
+            result.update(user_metric_means(self.generation_functions,
+                                            [self.template.prompt_text(row.prompt) for row in rows],
+                                            [answer.text for answer in answers], [row.fields for row in rows]))
+        return {GENERATION_PREFIX + name: value for name, value in result.items()}
+
+    def _evaluation(self) -> dict | None:
+        """The method's validation metrics (:meth:`evaluate`) and, with ``eval.generation_data``, the generation
+        metrics in the same record; None when the run has nothing to evaluate on."""
+        result = self.evaluate() or {}
+        if self.generation_rows:
+            result.update(self.evaluate_generation())
+        return result or None
+
     def _evaluate_baseline(self, metrics: MetricsLog) -> None:
         """The starting model's validation metrics, logged as step 0 (no best-checkpoint or early-stopping
         bookkeeping: the run is measured against it, it is not a candidate)."""
-        result = self.evaluate()
+        result = self._evaluation()
         if result is not None:
             record = {"step": 0, **result}
             self.history.append(record)
@@ -461,7 +544,7 @@ class SFTRecipe:
 
     def _evaluate_and_track(self, metrics: MetricsLog) -> str | None:
         """Evaluate, log, update the best checkpoint and the early-stopping state; returns a stop reason."""
-        result = self.evaluate()
+        result = self._evaluation()
         if result is None:
             return None
         state = self.state
