@@ -41,13 +41,15 @@ def main(overrides: list[str]) -> int:
     run_dir = Path(summary["run_dir"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evaluations = [r for r in records if "val_reward" in r]
-    before, after = evaluations[0], evaluations[-1]
+    # The run directory keeps the best checkpoint by val_reward (eval.final: best): "after" is that model.
+    final_step = json.loads((run_dir / "summary.json").read_text())["final_step"]
+    before, after = evaluations[0], next(r for r in evaluations if r["step"] == final_step)
     trained = [r for r in records if "reward" in r]
     first_rewards = [r["reward"] for r in trained[:5]]
     last_rewards = [r["reward"] for r in trained[-5:]]
 
     print()
-    print(f"{'':<46}{'before':>10}{'after':>10}")
+    print(f"{'':<46}{'before':>10}{'after':>10}   (after: the run's model, step {final_step})")
     print(f"{'held-out accuracy (48 additions, greedy)':<46}{before['val_reward']:>10.1%}{after['val_reward']:>10.1%}")
     print(f"{'held-out mean answer length (tokens)':<46}{before['val_response_length']:>10.1f}"
           f"{after['val_response_length']:>10.1f}")

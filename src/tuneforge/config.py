@@ -779,19 +779,26 @@ def config_from_dict(values: dict) -> RunConfig:
     return config
 
 
+def read_yaml_mapping(path: Path, what: str, shape: str) -> dict:
+    """The mapping a YAML file holds; a missing file, invalid YAML or another shape is a :class:`ConfigError`
+    naming the file (``what`` names the kind of file, ``shape`` says what it must hold)."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: {shape}")
+    return values
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML file (or start from defaults when ``path`` is None), apply overrides, validate."""
     values: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: the config must be a mapping of sections")
+        values = read_yaml_mapping(path, "config file", "the config must be a mapping of sections")
         # Relative data and template paths are relative to the config file, so configs work from any directory.
         data = values.get("data")
         if isinstance(data, dict):

@@ -33,7 +33,7 @@ from typing import Literal, Optional
 import torch
 import yaml
 
-from tuneforge.config import DataConfig, _build
+from tuneforge.config import DataConfig, _build, read_yaml_mapping
 from tuneforge.data.formats import Conversation, Message
 from tuneforge.data.dataset import DataReport
 from tuneforge.data.preference import PreferenceRow, load_preference_rows
@@ -142,14 +142,8 @@ def load_settings(path: str | Path | None = None, overrides: dict | None = None)
     where = ""
     if path is not None:
         path, where = Path(path), f"{path}: "
-        if not path.is_file():
-            raise ConfigError(f"eval config file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: an eval config is a mapping of keys (model, data, metrics, ...)")
+        values = read_yaml_mapping(path, "eval config file",
+                                   "an eval config is a mapping of keys (model, data, metrics, ...)")
         values = _relative_to(values, path.parent)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     for key in _LIST_KEYS:  # a single string is a one-item list; "a,b" is two items
@@ -264,7 +258,7 @@ def plan_eval(settings: EvalSettings) -> EvalPlan:
     heldout = read_heldout(settings.data, data_config) if settings.data else None
     if heldout is not None and limit:
         heldout.conversations, heldout.rows = heldout.conversations[:limit], heldout.rows[:limit]
-    _check_patterns(heldout.rows if heldout else [])
+    check_patterns(heldout.rows if heldout else [])
     pairs = load_preference_rows(settings.pairs, data_config, DataReport())[:limit] if settings.pairs else []
     harmful, benign = (_prompts(path, data_config, limit) for path in (settings.harmful, settings.benign))
     if not (heldout or pairs or harmful or benign or settings.lm_eval):
@@ -468,7 +462,7 @@ def _pattern(row: HeldoutRow) -> str | None:
     return None if value in (None, "") else str(value)
 
 
-def _check_patterns(rows: Sequence[HeldoutRow]) -> None:
+def check_patterns(rows: Sequence[HeldoutRow]) -> None:
     """Every ``pattern`` compiles (a bad one is named with its file and row before any model loads)."""
     for row in rows:
         pattern = _pattern(row)

@@ -38,7 +38,7 @@ from tuneforge.engine.signals import StopRequest
 from tuneforge.engine.step import (autocast, bf16_autocast_enabled, lm_loss_sum, loss_and_perplexity, move,
                                    summed_eval_loss)
 from tuneforge.errors import ConfigError, DataError, UserError
-from tuneforge.eval.evaluate import _check_patterns, generation_metrics, user_metric_means
+from tuneforge.eval.evaluate import check_patterns, generation_metrics, user_metric_means
 from tuneforge.eval.functions import RewardFunctions, load_callable
 from tuneforge.eval.heldout import HeldoutRow, read_heldout
 from tuneforge.inference import Generation, Generator
@@ -205,7 +205,7 @@ class SFTRecipe:
         if not rows:
             raise DataError(path, None, None, "no prompt to answer (rows need a prompt, or a user message before "
                             "an assistant one)", "no_prompts")
-        _check_patterns(rows)
+        check_patterns(rows)
         # The metrics these rows can give (a reference metric needs a row with a reference, regex_match a row with
         # a pattern): generation_metrics' own rule, applied to empty answers.
         available = generation_metrics(rows, [Generation("", False, 0)] * len(rows), set(GENERATION_METRICS))
