@@ -286,3 +286,19 @@ def test_two_ddp_ranks_train_and_reduce_their_statistics(tiny_model_dir, tmp_pat
         assert steps[0]["kl"] == 0.0
         assert steps[1]["kl_coef"] == pytest.approx(0.05 * (1 - 0.2 * 2 * 2 * 2 / 10))
         assert (tmp_path / "run" / VALUE_HEAD_FILE).is_file()
+
+
+def test_a_missing_reward_model_fails_before_any_model_loads(tiny_model_dir, tmp_path, prompts_file, monkeypatch):
+    from tuneforge.models import loading
+    from tuneforge.recipes import sft
+
+    config = ppo_config(tiny_model_dir, tmp_path, prompts_file,
+                        ppo={"reward_functions": [], "reward_model": str(tmp_path / "no-such-rm")})
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the reward model was checked")
+
+    monkeypatch.setattr(sft, "load_model", no_loading)
+    monkeypatch.setattr(loading, "load_model", no_loading)
+    with pytest.raises(loading.ModelSourceError, match="no-such-rm"):
+        ready(config)

@@ -35,13 +35,20 @@ class RewardScorer:
              max_length: int = 1024) -> "RewardScorer":
         """``spec``: a reward-model run directory (``method: reward``), or a folder with a sequence-classification
         model of one output."""
+        source = cls.resolve(spec)
+        tokenizer, chosen = tokenizer_and_template(source, template)
+        model, device = load_for_inference(source, dtype, head="reward")
+        return cls(model, tokenizer, chosen, device, max_length)
+
+    @staticmethod
+    def resolve(spec: str):
+        """The model source of ``spec``, checked to be a reward model where that can be told without loading it
+        (a run directory of another method is refused), so a wrong path fails before any model loads."""
         source = resolve_model(spec)
         if source.run is not None and not source.is_reward_model:
             raise UserError(f"{spec} is a {source.run.get('method', 'sft')} run, not a reward model; train one with "
                             "method: reward")
-        tokenizer, chosen = tokenizer_and_template(source, template)
-        model, device = load_for_inference(source, dtype, head="reward")
-        return cls(model, tokenizer, chosen, device, max_length)
+        return source
 
     def encode(self, conversation: Conversation) -> Example:
         """Token ids of a whole conversation; a longer one keeps its *last* ``max_length`` tokens, because the

@@ -240,7 +240,6 @@ class OnlineRLRecipe(SFTRecipe):
         super().__init__(*args, **kwargs)
         self.method = self.config.method
         self.section = self.config.rollout
-        self.section_name = "ppo" if self.method == "ppo" else "grpo"
         specs = list(self.section.reward_functions)
         self.reward_functions = RewardFunctions.load(specs, self.section.reward_weights) if specs else None
         self.reward_keys = [reward_key(spec, specs) for spec in specs]
@@ -254,7 +253,12 @@ class OnlineRLRecipe(SFTRecipe):
 
     # ------------------------------------------------------------------------------------------- data hooks
     def _read_data(self):
-        return read_prompt_data(self.config)
+        read = read_prompt_data(self.config)
+        if self.section.reward_model:
+            from tuneforge.eval.scoring import RewardScorer
+
+            RewardScorer.resolve(self.section.reward_model)  # a wrong reward model fails before any model loads
+        return read
 
     def _tokenize_data(self, read):
         return tokenize_prompt_data(read, self.config, self.tokenizer, self.template)
