@@ -302,3 +302,30 @@ def test_a_missing_reward_model_fails_before_any_model_loads(tiny_model_dir, tmp
     monkeypatch.setattr(loading, "load_model", no_loading)
     with pytest.raises(loading.ModelSourceError, match="no-such-rm"):
         ready(config)
+
+
+def test_log_probs_are_those_of_the_sampling_policy_at_its_temperature(tiny_model_dir, tmp_path, prompts_file):
+    config = ppo_config(tiny_model_dir, tmp_path, prompts_file, ppo={"temperature": 0.5})
+    recipe = ready(config)
+    batch = first_window(recipe)[0]
+    rollout = recipe.collect_rollouts([batch])[0]
+    samples = rollout.samples
+    with torch.no_grad():
+        for row in range(samples.mask.shape[0]):
+            prompt = batch.examples[row].input_ids
+            length = int(samples.mask[row].sum())
+            response = samples.input_ids[row, samples.prompt_width:samples.prompt_width + length].tolist()
+            logits = recipe.model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+            expected = torch.log_softmax(logits.float() / 0.5, dim=-1).gather(
+                1, torch.tensor(response)[:, None]).squeeze(1)
+            assert torch.allclose(rollout.old_logp[row, :length], expected, atol=1e-4)
+
+
+def test_a_step_with_a_single_response_token_is_centred_not_whitened(tiny_model_dir, tmp_path, prompts_file):
+    config = ppo_config(tiny_model_dir, tmp_path, prompts_file, train={"batch_size": 1, "grad_accum": 1},
+                        ppo={"max_new_tokens": 1})
+    recipe = ready(config)
+    loss, _ = recipe.train_step(first_window(recipe))
+    rollout = recipe.last_rollouts[0]
+    assert int(rollout.samples.mask.sum()) == 1 and torch.isfinite(loss)
+    assert float(rollout.advantages.abs().max()) == 0.0  # one token: its advantage minus the mean

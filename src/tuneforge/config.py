@@ -236,7 +236,9 @@ class EvalConfig:
                               "name at least one metric, or unset eval.generation_data")
         for spec in self.generation_metrics:
             known = isinstance(spec, str) and (spec in GENERATION_METRICS
-                                               or (":" in spec and spec.rpartition(":")[2].isidentifier()))
+                                               or (":" in spec
+                                                   and all(part.isidentifier()
+                                                           for part in spec.rpartition(":")[2].split("."))))
             if not known:
                 close = difflib.get_close_matches(str(spec), GENERATION_METRICS, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""

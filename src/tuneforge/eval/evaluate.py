@@ -332,7 +332,8 @@ def _select_metrics(names: list[str], settings: EvalSettings, heldout: HeldoutDa
     for name in names:
         if not needs[name][1]:
             raise UserError(f"metric {name} needs {needs[name][0]}")
-    chosen = set(names) if names else {name for name, (_, available) in needs.items() if available}
+    # Any --metrics (built-in or user) is an explicit selection; none means every metric the inputs allow.
+    chosen = set(names) if settings.metrics else {name for name, (_, available) in needs.items() if available}
     if settings.judge:
         chosen.add("win_rate")
     for together in _COMPUTED_TOGETHER:  # one computation gives both: report both
@@ -512,6 +513,11 @@ def _implicit_accuracy(entry: ModelEntry, generator, plan: EvalPlan, result: Mod
         log(f"{entry.label}: loading the reference {run['base_model']}")
         reference, _ = load_for_inference(resolve_model(run["base_model"]), plan.settings.dtype)
     beta = plan.settings.beta or run_beta(Path(entry.spec))
+    method = run.get("method", "sft")
+    source = "--beta" if plan.settings.beta else f"{method}.beta" if method in ("dpo", "kto") else "the default"
+    result.notes.append(f"{entry.label}: implicit reward beta {beta:g} ({source})"
+                        + ("" if method in ("dpo", "kto") else f"; a {method} run was not trained on this reward, "
+                           "so its preference accuracy is a measurement against its reference, not its objective"))
     log(f"{entry.label}: implicit reward (beta {beta:g}) on {len(plan.pairs)} pairs")
     margins = implicit_reward_margins(generator, plan.pairs, plan.data_config, beta, reference,
                                       plan.settings.batch_size)

@@ -64,7 +64,7 @@ _KEY_SETTINGS = ("method", "model.name_or_path", "model.dtype", "model.load_in",
                  "lora.alpha", "train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum", "train.lr",
                  "train.scheduler", "train.warmup_ratio", "train.seed", "eval.metric", "eval.patience")
 _METHOD_SECTION = {"dpo": "dpo", "simpo": "simpo", "orpo": "orpo", "kto": "kto", "reward": "reward",
-                   "grpo": "grpo", "rloo": "grpo"}
+                   "grpo": "grpo", "rloo": "grpo", "ppo": "ppo"}
 
 
 # ------------------------------------------------------------------------------------------------ blocks

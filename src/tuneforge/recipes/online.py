@@ -38,6 +38,7 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
+from transformers import GenerationConfig
 
 from tuneforge.data.dataset import epoch_order, global_groups
 from tuneforge.data.formats import Conversation, Message
@@ -48,7 +49,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.eval.functions import RewardFunctions
 from tuneforge.inference import stop_ids
 from tuneforge.losses import sequence_logprobs_from_hidden, token_entropy_from_hidden
-from tuneforge.models.adapters import decoder_and_head, is_peft
+from tuneforge.models.adapters import causal_lm, decoder_and_head, is_peft
 from tuneforge.models.dropout import disable_dropout
 from tuneforge.recipes.sft import SFTRecipe
 
@@ -121,11 +122,26 @@ def response_mask(responses: torch.Tensor, stop_ids: Sequence[int]) -> tuple[tor
     return (stops_before == 0).long(), is_stop.any(dim=1)
 
 
+class _TemperatureHead(torch.nn.Module):
+    """The output head with its logits divided by the sampling temperature."""
+
+    def __init__(self, head: torch.nn.Module, temperature: float):
+        super().__init__()
+        self.head, self.temperature = head, temperature
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden) / self.temperature
+
+
 def response_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      position_ids: torch.Tensor, prompt_width: int, mask: torch.Tensor, chunk_size: int,
-                     value_head: torch.nn.Module | None = None, entropy: bool = False) -> ResponseForward:
+                     value_head: torch.nn.Module | None = None, entropy: bool = False,
+                     temperature: float = 1.0) -> ResponseForward:
     """log pi(y_t | x, y_<t) of each response token, and optionally the value head's V_t and the entropy of the
     policy at the same positions.
+
+    ``temperature`` divides the logits: the policy whose log-probs the losses use is the one that sampled the
+    responses (softmax(z / T)), as in TRL; with T = 1 nothing changes. (top-p truncation is not modelled.)
 
     The hidden state at column ``prompt_width - 1 + t`` predicts response token ``t`` (and is the state whose
     value V_t is, before y_t is chosen). Only masked positions reach the output head: each is handed to
@@ -139,6 +155,8 @@ def response_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_
     predicting = hidden[:, prompt_width - 1:prompt_width - 1 + width]
     targets = input_ids[:, prompt_width:prompt_width + width]
     real = mask.bool()
+    if temperature != 1.0:
+        head = _TemperatureHead(head, temperature)
     per_token = sequence_logprobs_from_hidden(predicting[real][:, None], targets[real][:, None], head,
                                               chunk_size).sums
     zeros = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
@@ -205,17 +223,24 @@ class HFEngine:
         input_ids, attention = left_pad(prompts, self.pad_id)
         input_ids = input_ids.repeat_interleave(generations, dim=0).to(self.device)
         attention = attention.repeat_interleave(generations, dim=0).to(self.device)
-        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None} if settings.greedy \
-            else {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
+        sampling = {"do_sample": False} if settings.greedy else \
+            {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
+        config = GenerationConfig(max_new_tokens=settings.max_new_tokens, eos_token_id=self.stop_ids,
+                                  pad_token_id=self.pad_id, use_cache=True, **sampling)
+        # transformers fills what a passed config leaves at its default from the checkpoint's generation_config
+        # (a repetition penalty, a top-k): a neutral one stands in while sampling, so the sampler is exactly
+        # softmax(z / T) with top-p, the policy whose log-probs the loss uses.
+        lm = causal_lm(self.model)
+        checkpoint_config, lm.generation_config = lm.generation_config, GenerationConfig()
         was_training = self.model.training
         self.model.eval()
         try:
             with autocast(self.device, self.bf16):
                 sequences = self.model.generate(input_ids=input_ids, attention_mask=attention,
-                                                max_new_tokens=settings.max_new_tokens, eos_token_id=self.stop_ids,
-                                                pad_token_id=self.pad_id, use_cache=True, **sampling)
+                                                generation_config=config)
         finally:
             self.model.train(was_training)
+            lm.generation_config = checkpoint_config
         responses = sequences[:, input_ids.shape[1]:]
         # generate pads finished rows (often with EOS itself): keep each row up to its first stop token.
         mask, _ = response_mask(responses, self.stop_ids)
@@ -250,6 +275,13 @@ class OnlineRLRecipe(SFTRecipe):
         self.last_rollouts: list = []
         self._rollout_stats: torch.Tensor | None = None
         self._update_stats: dict[str, list[float]] = {}  # name -> [sum of token-weighted values, weight]
+
+    def setup(self) -> None:
+        super().setup()
+        if self.dist.enabled:
+            # Sampling draws from torch's global generator, seeded alike on every rank (and restored from rank 0's
+            # state on resume): give each rank its own stream, or ranks would sample correlated responses.
+            torch.manual_seed(self.config.train.seed + 7919 * (self.dist.rank + 1) + self.state.step)
 
     # ------------------------------------------------------------------------------------------- data hooks
     def _read_data(self):
@@ -314,7 +346,7 @@ class OnlineRLRecipe(SFTRecipe):
                          entropy: bool = False) -> ResponseForward:
         return response_forward(model, samples.input_ids, samples.attention_mask, samples.position_ids,
                                 samples.prompt_width, samples.mask, self.config.train.loss_chunk_size,
-                                value_head=value_head, entropy=entropy)
+                                value_head=value_head, entropy=entropy, temperature=self.section.temperature)
 
     # ------------------------------------------------------------------------------------------- sampling
     @property
@@ -427,10 +459,16 @@ class OnlineRLRecipe(SFTRecipe):
         rollouts = self.collect_rollouts(window)
         groups = self.section.mini_batches
         size = -(-len(rollouts) // groups)  # a last, shorter window of the epoch gives fewer or smaller groups
+        # Each pass groups the rollouts anew (as PPO implementations shuffle their mini-batches), drawn from a
+        # generator of the run's seed and step: the same on every rank, and again on resume.
+        shuffle = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + self.state.step)
         losses, norms = [], []
         for _ in range(self.section.ppo_epochs):
+            order = torch.randperm(len(rollouts), generator=shuffle).tolist() if groups > 1 \
+                else list(range(len(rollouts)))
             for start in range(0, len(rollouts), size):
-                loss, grad_norm = self.apply_gradients(self.compute_gradients(rollouts[start:start + size]))
+                group = [rollouts[i] for i in order[start:start + size]]
+                loss, grad_norm = self.apply_gradients(self.compute_gradients(group))
                 losses.append(loss)
                 norms.append(grad_norm.detach().float())
         self.scheduler.step()

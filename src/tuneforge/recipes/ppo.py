@@ -89,7 +89,10 @@ class PPORecipe(OnlineRLRecipe):
 
     @property
     def kl_coef(self) -> float:
-        """The current KL coefficient: ``ppo.kl_coef``, or where the adaptive controller has moved it."""
+        """The current KL coefficient: ``ppo.kl_coef``, or, with ``ppo.adaptive_kl``, where the controller has moved
+        it (a resumed run goes on from the saved value)."""
+        if not self.section.adaptive_kl:
+            return self.section.kl_coef
         return float(self.state.method_state.get("kl_coef", self.section.kl_coef))
 
     @torch.no_grad()
@@ -121,17 +124,20 @@ class PPORecipe(OnlineRLRecipe):
 
     def _whiten_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         """``masked_whiten`` of the step's advantages (1-D, this rank's) with the mean and unbiased variance of
-        every rank's, so the split of the batch over processes does not change them."""
-        if not self.dist.enabled:
+        every rank's, so the split of the batch over processes does not change them. A step with fewer than two
+        response tokens in all (batch 1 and an immediate stop) is only centred: its variance is undefined."""
+        if not self.dist.enabled and values.numel() >= 2:
             return masked_whiten(values[None], torch.ones_like(values[None])).squeeze(0)
         moments = torch.stack([values.sum(), torch.tensor(float(values.numel()), device=values.device)]).double()
-        dist.all_reduce(moments)
+        if self.dist.enabled:
+            dist.all_reduce(moments)
         total, count = moments.tolist()
-        if count < 2:
-            raise ValueError("PPO's advantage whitening needs at least 2 response tokens in a step")
-        mean = total / count
+        mean = total / max(count, 1.0)
         squares = ((values.double() - mean) ** 2).sum()
-        dist.all_reduce(squares)
+        if self.dist.enabled:
+            dist.all_reduce(squares)
+        if count < 2:
+            return (values.double() - mean).float()
         return ((values.double() - mean) * torch.rsqrt(squares / (count - 1) + WHITEN_EPS)).float()
 
     def _count(self, rollout: PPORollout) -> torch.Tensor:
@@ -168,10 +174,12 @@ class PPORecipe(OnlineRLRecipe):
 
     def _save_model(self, weights) -> None:
         """The policy as any causal-LM run (without the head, so it loads as a plain model), then the head."""
-        head = self.model._modules.pop("value_head")
+        head = self.model.value_head
+        # Before the run marker (written last by save_run), so a marked run directory is complete.
+        save_file({name: p.detach().cpu().contiguous() for name, p in head.state_dict().items()},
+                  str(self.run_dir / VALUE_HEAD_FILE))
+        self.model._modules.pop("value_head")
         try:
             super()._save_model(weights)
         finally:
             self.model.value_head = head
-        save_file({name: p.detach().cpu().contiguous() for name, p in head.state_dict().items()},
-                  str(self.run_dir / VALUE_HEAD_FILE))
