@@ -329,3 +329,18 @@ def test_a_step_with_a_single_response_token_is_centred_not_whitened(tiny_model_
     rollout = recipe.last_rollouts[0]
     assert int(rollout.samples.mask.sum()) == 1 and torch.isfinite(loss)
     assert float(rollout.advantages.abs().max()) == 0.0  # one token: its advantage minus the mean
+
+
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_bench_times_online_rl_steps_and_counts_what_it_sampled(tiny_model_dir, method):
+    from tuneforge.bench import run_bench
+
+    result = run_bench(method=method, model=str(tiny_model_dir), batch_size=2, max_length=64, steps=2, lora_r=4,
+                       generations=3, max_new_tokens=5)
+    generations = 3 if method == "grpo" else 1
+    assert result["generations"] == generations
+    # 2 timed steps of 2 prompts, each with its G responses, at most 5 generated tokens each.
+    assert result["responses_per_s"] == pytest.approx(result["prompts_per_s"] * generations, rel=1e-3)
+    assert 0 < result["generated_tokens_per_s"] <= 5 * result["responses_per_s"] + 1e-6
+    assert result["tokens_per_s"] > result["generated_tokens_per_s"]  # prompts count too
+    assert 0 < result["sample_share"] < 1 and result["step_time_s"] > 0

@@ -57,6 +57,16 @@ def synthetic_pairs(count: int = 64, seed: int = 0) -> list[dict]:
     return rows
 
 
+def synthetic_prompts(count: int = 64, seed: int = 0) -> list[dict]:
+    """Fixed addition prompts with their sums as ``answer`` (online RL: the reward is the exact answer)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        rows.append({"prompt": f"What is {a} + {b}?", "answer": str(a + b)})
+    return rows
+
+
 def measure_matmul_peak(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 5) -> float:
     """Best FLOP/s of a square matmul of ``size`` in ``dtype`` (the denominator of MFU)."""
     a = torch.randn(size, size, device=device).to(dtype)
@@ -92,7 +102,11 @@ def lora_parameters(model: torch.nn.Module) -> int:
 def run_bench(method: str = "sft", model: str = "default", data: str | None = None, batch_size: int = 4,
               max_length: int = 256, steps: int = 5, lora_r: int = 16, dtype: str = "float32",
               packing: bool = False, full: bool = False, gradient_checkpointing: bool = False,
-              load_in: str = "none", precompute_ref: bool = False) -> dict:
+              load_in: str = "none", precompute_ref: bool = False, generations: int = 4,
+              max_new_tokens: int = 32) -> dict:
+    if method in ("grpo", "rloo", "ppo"):
+        return run_online_bench(method, model, data, batch_size, max_length, steps, lora_r, dtype, full,
+                                gradient_checkpointing, load_in, generations, max_new_tokens)
     if method != "sft":
         return run_preference_bench(method, model, data, batch_size, max_length, steps, lora_r, dtype, full,
                                     gradient_checkpointing, load_in, precompute_ref)
@@ -168,6 +182,59 @@ def run_preference_bench(method: str, model: str, data: str | None, batch_size: 
         }
 
 
+def run_online_bench(method: str, model: str, data: str | None, batch_size: int, max_length: int, steps: int,
+                     lora_r: int, dtype: str, full: bool, gradient_checkpointing: bool, load_in: str,
+                     generations: int, max_new_tokens: int) -> dict:
+    """Steps/s of online RL (``method`` grpo, rloo or ppo) on addition prompts, and where the time goes.
+
+    A step samples ``generations`` responses (1 for PPO) of at most ``max_new_tokens`` for each of
+    ``batch_size`` prompts, scores them, and updates (``ppo_epochs`` passes for PPO). ``sample_share`` is the
+    fraction of the step spent in the generation engine; ``generated_tokens_per_s`` counts response tokens over
+    the whole step. No MFU: decoding is bound by weight bandwidth, not matmul throughput.
+    """
+    section = "ppo" if method == "ppo" else "grpo"
+    options = {"max_new_tokens": max_new_tokens, "reward_functions": ["tuneforge.eval.functions:exact_answer"],
+               "temperature": 1.0}
+    if section == "grpo":
+        options["num_generations"] = generations
+    with tempfile.TemporaryDirectory() as scratch:
+        recipe = _set_up(scratch, synthetic_prompts, method, model, data, batch_size, max_length, steps, lora_r,
+                         dtype, full, gradient_checkpointing, load_in, lr=1e-5, sections={section: options})
+        engine, sampling = recipe.engine, {"s": 0.0}
+        sample = engine.sample
+
+        def timed_sample(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return sample(*args, **kwargs)
+            finally:
+                sampling["s"] += time.perf_counter() - start
+
+        counts = {"prompts": 0, "responses": 0, "generated": 0, "tokens": 0}
+
+        def count(batch) -> None:
+            counts["prompts"] += len(batch)
+            for rollout in recipe.last_rollouts:
+                counts["responses"] += rollout.samples.mask.shape[0]
+                counts["generated"] += int(rollout.samples.mask.sum())
+                counts["tokens"] += int(rollout.samples.attention_mask.sum())
+
+        recipe.train_step([recipe._epoch_batches(shuffle=False)[0]])  # warm-up, untimed
+        engine.sample = timed_sample
+        elapsed = _time_steps(recipe, steps, count, warm_up=False)
+        return {
+            "method": method, "model": model, "dtype": dtype, "mode": "full" if full else f"lora-r{lora_r}",
+            "batch_size": batch_size, "generations": recipe.generations, "max_new_tokens": max_new_tokens,
+            "steps": steps, "step_time_s": round(elapsed / steps, 4),
+            "prompts_per_s": round(counts["prompts"] / elapsed, 3),
+            "responses_per_s": round(counts["responses"] / elapsed, 3),
+            "generated_tokens_per_s": round(counts["generated"] / elapsed, 2),
+            "tokens_per_s": round(counts["tokens"] / elapsed, 2),
+            "sample_share": round(sampling["s"] / elapsed, 3),
+            **_memory_and_machine(recipe.device),
+        }
+
+
 def _set_up(scratch: str, synthetic, method: str, model: str, data: str | None, batch_size: int, max_length: int,
             steps: int, lora_r: int, dtype: str, full: bool, gradient_checkpointing: bool, load_in: str, lr: float,
             data_options: dict | None = None, sections: dict | None = None):
@@ -194,14 +261,15 @@ def _set_up(scratch: str, synthetic, method: str, model: str, data: str | None, 
     return recipe
 
 
-def _time_steps(recipe, steps: int, count) -> float:
+def _time_steps(recipe, steps: int, count, warm_up: bool = True) -> float:
     """Seconds for ``steps`` optimiser steps of one micro-batch each, after one warm-up step (allocator, kernels,
-    autograd graph caches); ``count(batch)`` is called for each timed micro-batch. The data is cycled so any
-    number of steps can be timed."""
+    autograd graph caches; ``warm_up=False`` when the caller made it); ``count(batch)`` is called for each timed
+    micro-batch, after its step. The data is cycled so any number of steps can be timed."""
     batches = recipe._epoch_batches(shuffle=False)
     plan = [[batches[i % len(batches)]] for i in range(steps + 1)]
     device = recipe.device
-    recipe.train_step(plan[0])
+    if warm_up:
+        recipe.train_step(plan[0])
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -252,7 +252,8 @@ def _bench(args) -> int:
     result = run_bench(method=args.method, model=args.model, data=args.data, batch_size=args.batch_size,
                        max_length=args.max_length, steps=args.steps, lora_r=args.lora_r, dtype=args.dtype,
                        packing=args.packing, full=args.full, gradient_checkpointing=args.gradient_checkpointing,
-                       load_in=args.load_in, precompute_ref=args.precompute_ref)
+                       load_in=args.load_in, precompute_ref=args.precompute_ref, generations=args.generations,
+                       max_new_tokens=args.max_new_tokens)
     print(json.dumps(result))
     return 0
 
@@ -412,8 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = verbs.add_parser("bench", help="time a short fixed training workload; prints one JSON line",
                              description="Throughput (tokens/s, padding excluded), peak memory and model FLOPs "
                                          "utilisation of a short training workload, after one warm-up step.")
-    bench.add_argument("--method", default="sft", choices=["sft", "dpo", "simpo", "orpo", "reward"],
-                       help="sft (tokens/s) or a pairwise method (pairs/s on synthetic preference pairs)")
+    bench.add_argument("--method", default="sft", choices=["sft", "dpo", "simpo", "orpo", "reward", "grpo", "rloo",
+                                                           "ppo"],
+                       help="sft (tokens/s), a pairwise method (pairs/s on synthetic preference pairs), or online RL "
+                            "(steps/s on addition prompts, with the share of time spent sampling)")
     bench.add_argument("--model", default="default", help=MODEL_HELP)
     bench.add_argument("--data", help="a data file of the method's format (default: fixed synthetic rows or pairs)")
     bench.add_argument("--precompute-ref", action="store_true",
@@ -430,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="quantize the base through bitsandbytes (QLoRA)")
     bench.add_argument("--gradient-checkpointing", action="store_true",
                        help="recompute activations in backward (TRL's SFTConfig default)")
+    bench.add_argument("--generations", type=int, default=4,
+                       help="online RL: responses sampled per prompt (grpo, rloo; default 4)")
+    bench.add_argument("--max-new-tokens", type=int, default=32,
+                       help="online RL: longest sampled response (default 32)")
     bench.set_defaults(func=_bench)
 
     est = verbs.add_parser("estimate", help="memory breakdown of a training run, from the model config only",
