@@ -254,9 +254,7 @@ def test_two_ddp_ranks_train_and_reduce_their_statistics(tiny_model_dir, tmp_pat
     the policy is the reference (KL exactly 0), so the adaptive controller lowers beta by the clipped error 0.2
     times the step's responses *on all ranks* (2 prompts x 2 micro-batches x 2 ranks) over the horizon:
     0.05 (1 - 0.2 x 8 / 10) = 0.042."""
-    import os
-    import subprocess
-    import sys
+    from test_distributed import _train
 
     section = "ppo" if method == "ppo" else "grpo"
     rewards = tmp_path / "rewards.py"  # a file of its own: the subprocesses cannot import the test modules
@@ -274,11 +272,7 @@ def test_two_ddp_ranks_train_and_reduce_their_statistics(tiny_model_dir, tmp_pat
         values["grpo"]["num_generations"] = 2
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(values))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "tuneforge", "train", str(path)]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _train(path, tmp_path / "run", 2)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2] and all(r["reward"] > 0 for r in steps)
@@ -341,6 +335,8 @@ def test_bench_times_online_rl_steps_and_counts_what_it_sampled(tiny_model_dir, 
     assert result["generations"] == generations
     # 2 timed steps of 2 prompts, each with its G responses, at most 5 generated tokens each.
     assert result["responses_per_s"] == pytest.approx(result["prompts_per_s"] * generations, rel=1e-3)
-    assert 0 < result["generated_tokens_per_s"] <= 5 * result["responses_per_s"] + 1e-6
+    # The bench rounds rates to 0.01 (tokens) and 0.001 (responses): equality (every response 5 tokens long) may
+    # come out up to 0.01 apart.
+    assert 0 < result["generated_tokens_per_s"] <= 5 * result["responses_per_s"] + 0.01
     assert result["tokens_per_s"] > result["generated_tokens_per_s"]  # prompts count too
     assert 0 < result["sample_share"] < 1 and result["step_time_s"] > 0
