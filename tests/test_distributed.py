@@ -29,6 +29,16 @@ def _train(config_file: Path, out: Path, nproc: int, *overrides: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def _one_process_and_two_ranks(config: dict, tmp_path: Path, strategy: str) -> tuple[Path, Path]:
+    """Train ``config`` in 1 process and in 2 ranks of half the batch (the same global batch); their run dirs."""
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    _train(config_file, single, 1)
+    _train(config_file, multi, 2, "train.batch_size=2", f"distributed.strategy={strategy}")
+    return single, multi
+
+
 def _losses(run: Path) -> list[float]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if "loss" in r] + [r["val_loss"] for r in records if "val_loss" in r]
@@ -51,11 +61,7 @@ def test_two_ranks_match_one_process(tiny_model_dir, qa_file, tmp_path, strategy
                   "mixed_precision": "no", "scheduler": "linear"},
         "eval": {"every": 3},
     }
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    _train(config_file, single, 1)
-    _train(config_file, multi, 2, "train.batch_size=2", f"distributed.strategy={strategy}")
+    single, multi = _one_process_and_two_ranks(config, tmp_path, strategy)
 
     want, got = _losses(single), _losses(multi)
     assert len(got) == len(want) and len(want) > 6
@@ -140,11 +146,7 @@ def test_preference_two_ranks_match_one_process(tiny_model_dir, tmp_path, method
         "train": {"epochs": 2, "batch_size": 4, "lr": 1e-2 if lora else 1e-3, "log_every": 1, "seed": 0,
                   "mixed_precision": "no"},
     }
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    _train(config_file, single, 1)
-    _train(config_file, multi, 2, "train.batch_size=2", f"distributed.strategy={strategy}")
+    single, multi = _one_process_and_two_ranks(config, tmp_path, strategy)
     want, got = _losses(single), _losses(multi)
     assert len(got) == len(want) and len(want) >= 6
     assert got == pytest.approx(want, rel=TOLERANCE, abs=TOLERANCE)

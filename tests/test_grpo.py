@@ -16,7 +16,8 @@ from tuneforge.errors import ConfigError, DataError
 from tuneforge.losses import masked_mean
 from tuneforge.recipes import recipe_for
 from tuneforge.recipes.grpo import GRPORecipe
-from tuneforge.recipes.online import per_token_logprobs, response_mask
+from tuneforge.inference import response_mask
+from tuneforge.recipes.online import response_forward
 
 HERE = Path(__file__).resolve()
 # Prompts of different lengths, so a micro-batch has left padding.
@@ -141,8 +142,8 @@ def test_token_logprobs_match_each_unpadded_sequence_alone(tiny_model_dir, tmp_p
     model = recipe.model
     with torch.no_grad():
         samples = rollout.samples
-        logp = per_token_logprobs(model, samples.input_ids, samples.attention_mask, samples.position_ids,
-                                  samples.prompt_width, samples.mask, chunk_size=7)
+        logp = response_forward(model, samples.input_ids, samples.attention_mask, samples.position_ids,
+                                samples.prompt_width, samples.mask, chunk_size=7).logp
         for row in range(samples.mask.shape[0]):
             prompt = batch.examples[row // 2].input_ids
             length = int(samples.mask[row].sum())

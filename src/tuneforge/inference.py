@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from tuneforge.data.formats import Conversation, Message
 from tuneforge.data.templates import Template, load_template, template_from_dict
-from tuneforge.data.tokenize import encode_text
+from tuneforge.data.tokenize import encode_prompt
 from tuneforge.engine.step import pick_device
 from tuneforge.models.loading import ModelSource, load_model, load_tokenizer, resolve_model
 
@@ -42,6 +43,27 @@ def stop_ids(tokenizer, template: Template) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (batch, longest prompt), padded on the left so generation continues
+    every row from the same column."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention[i, width - len(ids):] = 1
+    return input_ids, attention
+
+
+def response_mask(responses: torch.Tensor, stop_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, stopped) of generated tokens ``responses`` (batch, T): mask is 1 up to and including the first stop
+    token (so a trained model learns to stop), 0 after it (``generate`` pads finished rows, often with EOS
+    itself); stopped is True for rows that contain a stop token."""
+    is_stop = torch.isin(responses, torch.tensor(list(stop_ids), device=responses.device))
+    stops_before = is_stop.long().cumsum(dim=1) - is_stop.long()
+    return (stops_before == 0).long(), is_stop.any(dim=1)
+
+
 @dataclass
 class Generator:
     """A model, its tokenizer and template, ready to answer."""
@@ -66,10 +88,7 @@ class Generator:
     def prompt_ids(self, messages: list[Message]) -> list[int]:
         """Token ids of a prompt with the assistant header appended, tokenised segment by segment exactly as in
         training."""
-        ids: list[int] = []
-        for segment in self.template.segments(_as_conversation(messages), add_generation_prompt=True):
-            ids += encode_text(self.tokenizer, segment.text)
-        return ids
+        return encode_prompt(_as_conversation(messages), self.template, self.tokenizer)[0]
 
     def generate(self, conversations: list[list[Message]], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, batch_size: int = 8) -> list[str]:
@@ -90,31 +109,20 @@ class Generator:
         stops = self.stop_ids()
         outputs: list[Generation] = []
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            width = max(len(p) for p in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, ids in enumerate(chunk):
-                input_ids[i, width - len(ids):] = torch.tensor(ids)
-                attention[i, width - len(ids):] = 1
+            input_ids, attention = left_pad(prompts[start:start + batch_size], pad)
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
                 {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
             generated = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
                                             max_new_tokens=max_new_tokens, eos_token_id=stops,
                                             pad_token_id=pad, **sampling)
-            for row in generated[:, width:].tolist():
-                outputs.append(self._generation(row, stops))
+            responses = generated[:, input_ids.shape[1]:]
+            mask, stopped = response_mask(responses, stops)
+            for row, length, stop in zip(responses.tolist(), mask.sum(dim=1).tolist(), stopped.tolist()):
+                # The text before the first stop token (the mask keeps the stop token itself).
+                ids = row[:length - 1] if stop else row[:length]
+                text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                outputs.append(Generation(text, stop, len(ids)))
         return outputs
-
-    def _generation(self, ids: list[int], stops: list[int]) -> "Generation":
-        """The text before the first stop token; ``ids`` are untrimmed (a finished row is padded after its stop
-        token, often with EOS itself, so only the first stop counts)."""
-        stop_set = set(stops)
-        end = next((i for i, token in enumerate(ids) if token in stop_set), None)
-        if end is not None:
-            ids = ids[:end]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        return Generation(text, end is not None, len(ids))
 
 
 @dataclass(frozen=True)

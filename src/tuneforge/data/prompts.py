@@ -20,7 +20,7 @@ from tuneforge.data.formats import Conversation, Message, _Checker
 from tuneforge.data.preference import _add_system, _explicit_prompt
 from tuneforge.data.prepare import PreparedData, ReadData, read_data, tokenize_split
 from tuneforge.data.readers import BadRow, read_rows
-from tuneforge.data.tokenize import encode_text
+from tuneforge.data.tokenize import encode_prompt
 from tuneforge.errors import DataError, UserError
 
 
@@ -84,10 +84,7 @@ def tokenize_prompts(rows: list[PromptRow], template, tokenizer, config: RunConf
     room = config.data.max_length - new_tokens
     examples = []
     for row in rows:
-        segments = template.segments(Conversation(list(row.prompt)), add_generation_prompt=True)
-        ids: list[int] = []
-        for segment in segments:
-            ids += encode_text(tokenizer, segment.text)
+        ids, text = encode_prompt(Conversation(list(row.prompt)), template, tokenizer)
         if len(ids) > room:
             if config.data.on_truncation == "raise":
                 raise DataError(row.source, row.number, "prompt",
@@ -98,7 +95,7 @@ def tokenize_prompts(rows: list[PromptRow], template, tokenizer, config: RunConf
             continue
         report.kept += 1
         report.tokens += len(ids)
-        examples.append(PromptExample(ids, "".join(s.text for s in segments), row.fields, list(row.prompt)))
+        examples.append(PromptExample(ids, text, row.fields, list(row.prompt)))
     if rows and not examples:
         raise UserError(f"{report.path}: every prompt is longer than data.max_length - {section}.max_new_tokens = "
                         f"{room} tokens; raise data.max_length or lower {section}.max_new_tokens")

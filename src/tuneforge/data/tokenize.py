@@ -43,6 +43,16 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def encode_prompt(conversation: Conversation, template: Template, tokenizer) -> tuple[list[int], str]:
+    """(token ids, text) of ``conversation`` as a prompt, with the assistant header appended: each segment
+    tokenised on its own, exactly as in training, so generation continues from the same ids training saw."""
+    ids: list[int] = []
+    segments = template.segments(conversation, add_generation_prompt=True)
+    for segment in segments:
+        ids += encode_text(tokenizer, segment.text)
+    return ids, "".join(segment.text for segment in segments)
+
+
 def encode_conversation(conversation: Conversation, template: Template, tokenizer, max_length: int,
                         train_on_prompt: bool = False) -> Example:
     """Tokenise ``conversation`` with ``template`` and build its labels.

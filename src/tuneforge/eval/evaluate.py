@@ -403,11 +403,8 @@ def evaluate_model(entry: ModelEntry, plan: EvalPlan, log: Callable[[str], None]
         log(f"{entry.label}: answering {len(heldout.rows)} held-out prompts")
         generations = _generate(generator, heldout.rows, settings)
         result.answers = [g.text for g in generations]
-        result.metrics.update(generation_metrics(heldout.rows, generations, plan.metrics))
-        if plan.user_metrics is not None:
-            prompts = [generator.template.prompt_text(row.prompt) for row in heldout.rows]
-            result.metrics.update(user_metric_means(plan.user_metrics, prompts, result.answers,
-                                                    [row.fields for row in heldout.rows]))
+        result.metrics.update(answer_metrics(heldout.rows, generations, plan.metrics, plan.user_metrics,
+                                             generator.template))
     for name, rows in (("harmful", plan.harmful), ("benign", plan.benign)):
         if rows and f"refusal_rate_{name}" in plan.metrics:
             log(f"{entry.label}: answering {len(rows)} {name} prompts")
@@ -472,6 +469,18 @@ def check_patterns(rows: Sequence[HeldoutRow]) -> None:
                 compile_pattern(pattern)
             except UserError as error:
                 raise DataError(row.source, row.number, "pattern", str(error), "bad_pattern") from None
+
+
+def answer_metrics(rows: Sequence[HeldoutRow], generations: Sequence, metrics: set[str],
+                   user_metrics: RewardFunctions | None, template) -> dict[str, float]:
+    """The selected built-in metrics of the answers (:func:`generation_metrics`) and the mean of each user metric,
+    called with the prompt as ``template`` renders it, the answer and the row."""
+    out = generation_metrics(rows, generations, metrics)
+    if user_metrics is not None:
+        prompts = [template.prompt_text(row.prompt) for row in rows]
+        out.update(user_metric_means(user_metrics, prompts, [g.text for g in generations],
+                                     [row.fields for row in rows]))
+    return out
 
 
 def user_metric_means(functions: RewardFunctions, prompts: Sequence[str], responses: Sequence[str],

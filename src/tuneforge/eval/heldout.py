@@ -18,7 +18,6 @@ from tuneforge.data.preference import (PreferenceRow, _add_system, _explicit_pro
 from tuneforge.data.readers import BadRow, read_rows
 from tuneforge.engine.step import evaluate_loss, move
 from tuneforge.errors import DataError, UserError
-from tuneforge.eval.metrics import contains, exact_match
 from tuneforge.inference import Generator
 from tuneforge.losses import dpo_loss, sequence_logprobs_from_hidden
 from tuneforge.models.adapters import decoder_and_head, is_peft
@@ -154,32 +153,3 @@ def implicit_reward_margins(generator: Generator, pairs: list[PreferenceRow], da
                 ref_chosen, ref_rejected = _pair_logprobs(model, batch, generator.device)
         margins += dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta).margins.tolist()
     return margins
-
-
-# -------------------------------------------------------------------------------------- the demo's shortcut
-@dataclass
-class HeldoutResult:
-    loss: float
-    perplexity: float
-    exact_match: float
-    contains: float
-    answers: list[str]
-
-
-def evaluate_heldout(generator: Generator, path: str, data: DataConfig, answer_field: str = "answer",
-                     max_new_tokens: int = 48, batch_size: int = 8) -> HeldoutResult:
-    """Loss on the responses of ``path`` (same masking as training) and greedy answers to its questions.
-
-    Each row's last assistant message is the reference for exact match; the row's ``answer_field`` (when
-    present) is the short answer for the ``contains`` metric, otherwise the reference itself.
-    """
-    heldout = read_heldout(path, data)
-    loss = heldout_loss(generator, heldout.conversations, data, batch_size)
-    rows = [row for row in heldout.rows if row.reference is not None]
-    answers = generator.generate([row.prompt for row in rows], max_new_tokens=max_new_tokens, batch_size=batch_size)
-    count = len(answers)
-    return HeldoutResult(
-        loss=loss["loss"], perplexity=loss["perplexity"],
-        exact_match=sum(exact_match(a, row.reference) for a, row in zip(answers, rows)) / count,
-        contains=sum(contains(a, row.short_answer(answer_field)) for a, row in zip(answers, rows)) / count,
-        answers=answers)

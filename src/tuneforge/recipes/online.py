@@ -47,7 +47,7 @@ from tuneforge.engine.distributed import no_sync
 from tuneforge.engine.step import autocast
 from tuneforge.errors import ConfigError
 from tuneforge.eval.functions import RewardFunctions
-from tuneforge.inference import stop_ids
+from tuneforge.inference import left_pad, response_mask, stop_ids
 from tuneforge.losses import sequence_logprobs_from_hidden, token_entropy_from_hidden
 from tuneforge.models.adapters import causal_lm, decoder_and_head, is_peft
 from tuneforge.models.dropout import disable_dropout
@@ -101,27 +101,6 @@ class ResponseForward:
     entropy: torch.Tensor | None = None
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (batch, longest prompt), padded on the left so generation continues
-    every row from the same column."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, ids in enumerate(prompts):
-        input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention[i, width - len(ids):] = 1
-    return input_ids, attention
-
-
-def response_mask(responses: torch.Tensor, stop_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask, stopped) of generated tokens ``responses`` (batch, T): mask is 1 up to and including the first stop
-    token (so the model learns to stop), 0 after it (``generate`` pads finished rows, often with EOS itself);
-    stopped is True for rows that contain a stop token."""
-    is_stop = torch.isin(responses, torch.tensor(list(stop_ids), device=responses.device))
-    stops_before = is_stop.long().cumsum(dim=1) - is_stop.long()
-    return (stops_before == 0).long(), is_stop.any(dim=1)
-
-
 class _TemperatureHead(torch.nn.Module):
     """The output head with its logits divided by the sampling temperature."""
 
@@ -166,13 +145,6 @@ def response_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_
     if entropy:
         out.entropy = zeros.masked_scatter(real, token_entropy_from_hidden(predicting[real], head, chunk_size))
     return out
-
-
-def per_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       position_ids: torch.Tensor, prompt_width: int, mask: torch.Tensor,
-                       chunk_size: int) -> torch.Tensor:
-    """(N, T) float32 log-probs of the response tokens (``response_forward``'s ``logp``)."""
-    return response_forward(model, input_ids, attention_mask, position_ids, prompt_width, mask, chunk_size).logp
 
 
 def reward_key(spec: str, specs: Sequence[str]) -> str:
@@ -274,7 +246,9 @@ class OnlineRLRecipe(SFTRecipe):
         self.reference: torch.nn.Module | None = None  # full fine-tuning only
         self.last_rollouts: list = []
         self._rollout_stats: torch.Tensor | None = None
-        self._update_stats: dict[str, list[float]] = {}  # name -> [sum of token-weighted values, weight]
+        # name -> (2,) float64 tensor [sum of weighted values, sum of weights]; tensors, so the step does not wait
+        # for the device to log a statistic.
+        self._update_stats: dict[str, torch.Tensor] = {}
 
     def setup(self) -> None:
         super().setup()
@@ -501,20 +475,22 @@ class OnlineRLRecipe(SFTRecipe):
                 out = self.wrapped(rollout)
                 (out["loss"] * scale).backward()
             loss_total += out["loss"].detach()
-            tokens = float(rollout.samples.mask.sum())
+            tokens = rollout.samples.mask.sum()
             for name, value in out["stats"].items():
-                self._add_stat(name, float(value) * tokens, tokens)
+                self._add_stat(name, value * tokens, tokens)
         return loss_total
 
-    def _add_stat(self, name: str, total: float, weight: float) -> None:
+    def _add_stat(self, name: str, total: torch.Tensor | float, weight: torch.Tensor | float) -> None:
         """Add to a statistic of the step; the metric logged is sum(total) / sum(weight) over updates and ranks."""
-        entry = self._update_stats.setdefault(name, [0.0, 0.0])
-        entry[0] += total
-        entry[1] += weight
+        entry = torch.stack([torch.as_tensor(total, device=self.device), torch.as_tensor(weight, device=self.device)])
+        if name in self._update_stats:
+            self._update_stats[name] += entry.double()
+        else:
+            self._update_stats[name] = entry.double()
 
     def _global_stat(self, name: str) -> tuple[float, float]:
         """(total, weight) of a statistic of the step, summed over ranks."""
-        values = torch.tensor(self._update_stats.get(name, [0.0, 0.0]), dtype=torch.float64, device=self.device)
+        values = self._update_stats.get(name, torch.zeros(2, dtype=torch.float64, device=self.device)).clone()
         if self.dist.enabled:
             dist.all_reduce(values)
         return float(values[0]), float(values[1])
@@ -537,8 +513,8 @@ class OnlineRLRecipe(SFTRecipe):
         if self._rollout_stats is None:
             return {}
         names = sorted(self._update_stats)
-        update = torch.tensor([[self._update_stats[n][0], self._update_stats[n][1]] for n in names],
-                              dtype=torch.float64, device=self.device).reshape(-1, 2)
+        update = torch.stack([self._update_stats[n] for n in names]) if names else \
+            torch.zeros((0, 2), dtype=torch.float64, device=self.device)
         stats = self._rollout_stats.clone()
         if self.dist.enabled:
             dist.all_reduce(stats)

@@ -119,8 +119,8 @@ class PPORecipe(OnlineRLRecipe):
                 rollout.advantages = torch.zeros_like(rollout.advantages).masked_scatter(mask, piece)
         for rollout, mask in zip(rollouts, masks):
             kl = torch.where(mask, rollout.old_logp - rollout.ref_logp, 0.0).sum()
-            self._add_stat("kl", float(kl), float(mask.shape[0]))  # per response: the sum over its tokens
-            self._add_stat("entropy", float(rollout.entropy.sum()), float(mask.sum()))
+            self._add_stat("kl", kl, float(mask.shape[0]))  # per response: the sum over its tokens
+            self._add_stat("entropy", rollout.entropy.sum(), mask.sum())
 
     def _whiten_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         """``masked_whiten`` of the step's advantages (1-D, this rank's) with the mean and unbiased variance of

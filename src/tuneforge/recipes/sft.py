@@ -38,7 +38,7 @@ from tuneforge.engine.signals import StopRequest
 from tuneforge.engine.step import (autocast, bf16_autocast_enabled, lm_loss_sum, loss_and_perplexity, move,
                                    summed_eval_loss)
 from tuneforge.errors import ConfigError, DataError, UserError
-from tuneforge.eval.evaluate import check_patterns, generation_metrics, user_metric_means
+from tuneforge.eval.evaluate import answer_metrics, check_patterns, generation_metrics
 from tuneforge.eval.functions import RewardFunctions, load_callable
 from tuneforge.eval.heldout import HeldoutRow, read_heldout
 from tuneforge.inference import Generation, Generator
@@ -518,11 +518,8 @@ class SFTRecipe:
             answers = [None] * len(rows)
             for rank, share in enumerate(shares):
                 answers[rank::world] = share
-        result = generation_metrics(rows, answers, set(evaluation.generation_metrics))
-        if self.generation_functions is not None:
-            result.update(user_metric_means(self.generation_functions,
-                                            [self.template.prompt_text(row.prompt) for row in rows],
-                                            [answer.text for answer in answers], [row.fields for row in rows]))
+        result = answer_metrics(rows, answers, set(evaluation.generation_metrics), self.generation_functions,
+                                self.template)
         return {GENERATION_PREFIX + name: value for name, value in result.items()}
 
     def _evaluation(self) -> dict | None:
