@@ -5,6 +5,10 @@ Same model, same synthetic rows (tuneforge.bench.synthetic_rows), same batch siz
 format of `tuneforge bench`. Needs `pip install trl` (not a tuneforge dependency).
 
     python benchmarks/trl_sft.py [--model DIR] [--batch-size 4] [--max-length 256] [--steps 5] [--lora-r 16]
+        [--data FILE | --rows N] [--dtype bfloat16] [--model-dtype bfloat16] [--packing]
+        [--attn-implementation flex_attention] [--liger] [--full]
+
+With --packing, TRL packs with its default best-fit strategy and trains padding-free (position ids, no padding).
 """
 
 from __future__ import annotations
@@ -25,6 +29,15 @@ def main() -> None:
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--no-gradient-checkpointing", action="store_true",
                         help="turn off the activation checkpointing SFTConfig enables by default")
+    parser.add_argument("--data", help="prompt/completion JSONL (default: tuneforge's synthetic rows)")
+    parser.add_argument("--rows", type=int, default=64, help="synthetic rows when --data is not given")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    parser.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--packing", action="store_true")
+    parser.add_argument("--attn-implementation", default="sdpa")
+    parser.add_argument("--liger", action="store_true", help="use_liger_kernel=True (pip install liger-kernel)")
+    parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    parser.add_argument("--warmup-steps", type=int, default=1, help="untimed steps first")
     args = parser.parse_args()
 
     import trl
@@ -40,31 +53,44 @@ def main() -> None:
 
     path = resolve_model(args.model).base
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-    dataset = Dataset.from_list(synthetic_rows())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.model_dtype),
+                                                 attn_implementation=args.attn_implementation)
+    if args.data:
+        import json as _json
+        with open(args.data) as handle:
+            rows = [_json.loads(line) for line in handle if line.strip()]
+    else:
+        rows = synthetic_rows(args.rows)
+    dataset = Dataset.from_list(rows)
 
-    timer = step_timer(args.steps)
+    timer = step_timer(args.steps, args.warmup_steps)
 
     config = SFTConfig(output_dir="/tmp/trl-bench", per_device_train_batch_size=args.batch_size,
-                       max_length=args.max_length, max_steps=args.steps + 1, learning_rate=1e-4,
-                       logging_steps=1000, save_strategy="no", report_to=[], bf16=False, fp16=False,
+                       max_length=args.max_length, max_steps=args.steps + args.warmup_steps,
+                       learning_rate=1e-4,
+                       logging_steps=1000, save_strategy="no", report_to=[], bf16=args.dtype == "bfloat16",
+                       fp16=False, use_liger_kernel=args.liger,
                        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, seed=0,
-                       completion_only_loss=True, packing=False,
+                       completion_only_loss=True, packing=args.packing,
                        gradient_checkpointing=not args.no_gradient_checkpointing)
     peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.05,
                              target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[timer])
+                         peft_config=None if args.full else peft_config, callbacks=[timer])
     # Real tokens of the batches the trainer actually sees (steps 2..steps+1 are timed).
     collator_tokens = count_batch_tokens(trainer)
     trainer.train()
-    tokens = sum(collator_tokens[1:1 + args.steps])
+    tokens = sum(collator_tokens[args.warmup_steps:args.warmup_steps + args.steps])
     print(json.dumps({
         "framework": f"trl {trl.__version__}", "model": args.model, "batch_size": args.batch_size,
         "gradient_checkpointing": not args.no_gradient_checkpointing,
         "max_length": args.max_length, "steps": args.steps, "lora_r": args.lora_r,
         "tokens_per_s": round(tokens / timer.elapsed, 2), "step_time_s": round(timer.elapsed / args.steps, 4),
+        "dtype": args.dtype, "model_dtype": args.model_dtype, "packing": args.packing, "liger": args.liger,
+        "attn_implementation": args.attn_implementation, "mode": "full" if args.full else f"lora-r{args.lora_r}",
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        **({"max_gpu_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+            "device": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}),
     }))
 
 

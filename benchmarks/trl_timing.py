@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import time
 
+import torch
 
-def step_timer(timed_steps: int):
-    """A ``TrainerCallback`` timing steps 2 .. timed_steps + 1 (the first step is the warm-up); ``elapsed`` is
-    None until the last timed step ends."""
+
+def _sync() -> None:
+    # CUDA work is asynchronous: without a sync the clock would stop before the last step's kernels ran.
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def step_timer(timed_steps: int, warmup_steps: int = 1):
+    """A ``TrainerCallback`` timing steps warmup_steps + 1 .. warmup_steps + timed_steps (the first
+    ``warmup_steps`` are untimed); ``elapsed`` is None until the last timed step ends."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
@@ -17,11 +25,15 @@ def step_timer(timed_steps: int):
             self.elapsed = None
 
         def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 1:
+            if state.global_step == warmup_steps:
+                _sync()
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
                 self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 1 + timed_steps:
+            if state.global_step == warmup_steps + timed_steps:
+                _sync()
                 self.elapsed = time.perf_counter() - self.start
 
     return StepTimer()

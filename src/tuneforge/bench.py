@@ -67,8 +67,10 @@ def synthetic_prompts(count: int = 64, seed: int = 0) -> list[dict]:
     return rows
 
 
-def measure_matmul_peak(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 5) -> float:
-    """Best FLOP/s of a square matmul of ``size`` in ``dtype`` (the denominator of MFU)."""
+def measure_matmul_peak(dtype: torch.dtype, device: torch.device, size: int | None = None, repeats: int = 5) -> float:
+    """Best FLOP/s of a square matmul of ``size`` in ``dtype`` (the denominator of MFU): 2048 on a CPU, 8192 on a
+    GPU, where smaller products leave the chip partly idle (an H200 gives about half its bf16 rate at 2048)."""
+    size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     best = float("inf")
@@ -91,7 +93,9 @@ def matmul_parameters(model: torch.nn.Module) -> int:
     total = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and "lora_" not in name:
-            total += module.weight.numel()
+            # A 4-bit weight (bitsandbytes) is stored packed, two values a byte: count its logical shape.
+            quant_state = getattr(module.weight, "quant_state", None)
+            total += quant_state.shape.numel() if quant_state is not None else module.weight.numel()
     return total
 
 
@@ -103,16 +107,31 @@ def run_bench(method: str = "sft", model: str = "default", data: str | None = No
               max_length: int = 256, steps: int = 5, lora_r: int = 16, dtype: str = "float32",
               packing: bool = False, full: bool = False, gradient_checkpointing: bool = False,
               load_in: str = "none", precompute_ref: bool = False, generations: int = 4,
-              max_new_tokens: int = 32) -> dict:
+              max_new_tokens: int = 32, model_dtype: str = "float32", attn_implementation: str = "sdpa",
+              loss_chunk_size: int = 256, rows: int = 64, warmup_steps: int = 1, compile: bool = False,
+              checkpoint_fraction: float = 1.0) -> dict:
+    """Dispatch to the method's bench. ``dtype`` is the compute dtype (``bfloat16`` = bf16 autocast),
+    ``model_dtype`` the dtype the weights are stored in (``bfloat16`` halves a frozen LoRA base), ``rows`` the
+    number of synthetic rows when no ``data`` file is given, ``warmup_steps`` the untimed steps first (more than
+    one where shapes vary and a compiler specialises on the first ones: FlexAttention, train.compile)."""
+    model_options = {"dtype": model_dtype, "attn_implementation": attn_implementation}
+    if load_in == "4bit":  # the 4-bit base is dequantised to the compute dtype for each matmul
+        model_options["compute_dtype"] = dtype
+    train_options = {"loss_chunk_size": loss_chunk_size, "max_steps": steps + warmup_steps, "compile": compile,
+                     "checkpoint_fraction": checkpoint_fraction}
     if method in ("grpo", "rloo", "ppo"):
         return run_online_bench(method, model, data, batch_size, max_length, steps, lora_r, dtype, full,
-                                gradient_checkpointing, load_in, generations, max_new_tokens)
+                                gradient_checkpointing, load_in, generations, max_new_tokens,
+                                model_options=model_options, train_options=train_options)
     if method != "sft":
         return run_preference_bench(method, model, data, batch_size, max_length, steps, lora_r, dtype, full,
-                                    gradient_checkpointing, load_in, precompute_ref)
+                                    gradient_checkpointing, load_in, precompute_ref,
+                                    model_options=model_options, train_options=train_options)
     with tempfile.TemporaryDirectory() as scratch:
-        recipe = _set_up(scratch, synthetic_rows, method, model, data, batch_size, max_length, steps, lora_r,
-                         dtype, full, gradient_checkpointing, load_in, lr=1e-4, data_options={"packing": packing})
+        recipe = _set_up(scratch, lambda: synthetic_rows(rows), method, model, data, batch_size, max_length, steps,
+                         lora_r, dtype, full, gradient_checkpointing, load_in, lr=1e-4,
+                         data_options={"packing": packing}, model_options=model_options,
+                         train_options=train_options)
         counts = {"tokens": 0, "trained": 0, "attention_flops": 0.0}
         cfg = recipe.model.config
 
@@ -122,16 +141,18 @@ def run_bench(method: str = "sft", model: str = "default", data: str | None = No
             lengths = batch.position_ids.max(dim=1).values + 1 if not packing else None
             counts["attention_flops"] += _attention_flops(batch, cfg, lengths)
 
-        elapsed = _time_steps(recipe, steps, count)
+        elapsed = _time_steps(recipe, steps, count, warmup_steps)
         n_matmul = matmul_parameters(recipe.model)
         n_lora = lora_parameters(recipe.model)
         per_token = 6 * n_matmul if full else 4 * n_matmul + 6 * n_lora
         model_flops = per_token * counts["tokens"] + counts["attention_flops"]
         peak = measure_matmul_peak(torch.bfloat16 if dtype == "bfloat16" else torch.float32, recipe.device)
         return {
-            "method": method, "model": model, "dtype": dtype, "mode": "full" if full else f"lora-r{lora_r}",
+            "method": method, "model": model, "dtype": dtype, "model_dtype": model_dtype,
+            "attn_implementation": attn_implementation, "mode": "full" if full else f"lora-r{lora_r}",
             "batch_size": batch_size, "max_length": max_length, "packing": packing, "steps": steps,
-            "gradient_checkpointing": gradient_checkpointing, "load_in": load_in,
+            "gradient_checkpointing": gradient_checkpointing, "checkpoint_fraction": checkpoint_fraction,
+            "load_in": load_in, "compile": compile,
             "tokens_per_s": round(counts["tokens"] / elapsed, 2),
             "trained_tokens_per_s": round(counts["trained"] / elapsed, 2),
             "step_time_s": round(elapsed / steps, 4),
@@ -145,7 +166,8 @@ def run_bench(method: str = "sft", model: str = "default", data: str | None = No
 
 def run_preference_bench(method: str, model: str, data: str | None, batch_size: int, max_length: int, steps: int,
                          lora_r: int, dtype: str, full: bool, gradient_checkpointing: bool, load_in: str,
-                         precompute_ref: bool) -> dict:
+                         precompute_ref: bool, model_options: dict | None = None,
+                         train_options: dict | None = None) -> dict:
     """Pairs/s, tokens/s and peak memory of DPO-family training (``method`` dpo, simpo, orpo or reward).
 
     Model FLOPs count the policy's forward and backward on both sides of each pair (4·N per token for LoRA, 6·N
@@ -156,7 +178,8 @@ def run_preference_bench(method: str, model: str, data: str | None, batch_size: 
         # Setup includes the reference pass over the data when precompute_ref is on.
         recipe = _set_up(scratch, synthetic_pairs, method, model, data, batch_size, max_length, steps, lora_r,
                          dtype, full, gradient_checkpointing, load_in, lr=1e-5,
-                         sections={"dpo": {"precompute_ref": precompute_ref}})
+                         sections={"dpo": {"precompute_ref": precompute_ref}}, model_options=model_options,
+                         train_options=train_options)
         setup_s = time.perf_counter() - setup_start
         counts = {"pairs": 0, "tokens": 0}
 
@@ -175,6 +198,7 @@ def run_preference_bench(method: str, model: str, data: str | None, batch_size: 
             "method": method, "model": model, "dtype": dtype, "mode": "full" if full else f"lora-r{lora_r}",
             "batch_size": batch_size, "max_length": max_length, "steps": steps, "precompute_ref": precompute_ref,
             "gradient_checkpointing": gradient_checkpointing, "load_in": load_in,
+            "checkpoint_fraction": (train_options or {}).get("checkpoint_fraction", 1.0),
             "pairs_per_s": round(counts["pairs"] / elapsed, 3), "tokens_per_s": round(counts["tokens"] / elapsed, 2),
             "step_time_s": round(elapsed / steps, 4), "setup_s": round(setup_s, 2),
             "mfu": round(per_token * counts["tokens"] / elapsed / peak, 4),
@@ -184,7 +208,8 @@ def run_preference_bench(method: str, model: str, data: str | None, batch_size: 
 
 def run_online_bench(method: str, model: str, data: str | None, batch_size: int, max_length: int, steps: int,
                      lora_r: int, dtype: str, full: bool, gradient_checkpointing: bool, load_in: str,
-                     generations: int, max_new_tokens: int) -> dict:
+                     generations: int, max_new_tokens: int, model_options: dict | None = None,
+                     train_options: dict | None = None) -> dict:
     """Steps/s of online RL (``method`` grpo, rloo or ppo) on addition prompts, and where the time goes.
 
     A step samples ``generations`` responses (1 for PPO) of at most ``max_new_tokens`` for each of
@@ -199,7 +224,8 @@ def run_online_bench(method: str, model: str, data: str | None, batch_size: int,
         options["num_generations"] = generations
     with tempfile.TemporaryDirectory() as scratch:
         recipe = _set_up(scratch, synthetic_prompts, method, model, data, batch_size, max_length, steps, lora_r,
-                         dtype, full, gradient_checkpointing, load_in, lr=1e-5, sections={section: options})
+                         dtype, full, gradient_checkpointing, load_in, lr=1e-5, sections={section: options},
+                         model_options=model_options, train_options=train_options)
         engine, sampling = recipe.engine, {"s": 0.0}
         sample = engine.sample
 
@@ -221,7 +247,7 @@ def run_online_bench(method: str, model: str, data: str | None, batch_size: int,
 
         recipe.train_step([recipe._epoch_batches(shuffle=False)[0]])  # warm-up, untimed
         engine.sample = timed_sample
-        elapsed = _time_steps(recipe, steps, count, warm_up=False)
+        elapsed = _time_steps(recipe, steps, count, warm_up=0)
         return {
             "method": method, "model": model, "dtype": dtype, "mode": "full" if full else f"lora-r{lora_r}",
             "batch_size": batch_size, "generations": recipe.generations, "max_new_tokens": max_new_tokens,
@@ -237,7 +263,8 @@ def run_online_bench(method: str, model: str, data: str | None, batch_size: int,
 
 def _set_up(scratch: str, synthetic, method: str, model: str, data: str | None, batch_size: int, max_length: int,
             steps: int, lora_r: int, dtype: str, full: bool, gradient_checkpointing: bool, load_in: str, lr: float,
-            data_options: dict | None = None, sections: dict | None = None):
+            data_options: dict | None = None, sections: dict | None = None, model_options: dict | None = None,
+            train_options: dict | None = None):
     """The recipe of ``method`` set up for ``steps`` + 1 steps on ``data`` (or the ``synthetic()`` rows written to
     ``scratch``), rows in file order, writing no run directory."""
     from tuneforge.recipes import recipe_for
@@ -247,13 +274,13 @@ def _set_up(scratch: str, synthetic, method: str, model: str, data: str | None, 
         Path(data).write_text("".join(json.dumps(r) + "\n" for r in synthetic()))
     config = config_from_dict({
         "method": method,
-        "model": {"name_or_path": model, "dtype": "float32", "load_in": load_in},
+        "model": {"name_or_path": model, "dtype": "float32", "load_in": load_in, **(model_options or {})},
         "data": {"train": data, "max_length": max_length, "shuffle": False, **(data_options or {})},
         "lora": {"enabled": not full, "r": lora_r, "alpha": 2 * lora_r},
         "train": {"output_dir": str(Path(scratch) / "run"), "batch_size": batch_size, "epochs": 1000,
                   "max_steps": steps + 1, "lr": lr, "seed": 0,
                   "mixed_precision": "bf16" if dtype == "bfloat16" else "no",
-                  "gradient_checkpointing": gradient_checkpointing},
+                  "gradient_checkpointing": gradient_checkpointing, **(train_options or {})},
         **(sections or {}),
     })
     recipe = recipe_for(method)(config, log=lambda message: None, show_progress=False, run_dir=False)
@@ -261,20 +288,20 @@ def _set_up(scratch: str, synthetic, method: str, model: str, data: str | None, 
     return recipe
 
 
-def _time_steps(recipe, steps: int, count, warm_up: bool = True) -> float:
-    """Seconds for ``steps`` optimiser steps of one micro-batch each, after one warm-up step (allocator, kernels,
-    autograd graph caches; ``warm_up=False`` when the caller made it); ``count(batch)`` is called for each timed
-    micro-batch, after its step. The data is cycled so any number of steps can be timed."""
+def _time_steps(recipe, steps: int, count, warm_up: int = 1) -> float:
+    """Seconds for ``steps`` optimiser steps of one micro-batch each, after ``warm_up`` untimed steps (allocator,
+    kernels, autograd graph caches, compilation; 0 when the caller made them); ``count(batch)`` is called for each
+    timed micro-batch, after its step. The data is cycled so any number of steps can be timed."""
     batches = recipe._epoch_batches(shuffle=False)
-    plan = [[batches[i % len(batches)]] for i in range(steps + 1)]
+    plan = [[batches[i % len(batches)]] for i in range(steps + warm_up)]
     device = recipe.device
-    if warm_up:
-        recipe.train_step(plan[0])
+    for window in plan[:warm_up]:
+        recipe.train_step(window)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    for window in plan[1:]:
+    for window in plan[warm_up:]:
         loss, _ = recipe.train_step(window)
         for batch in window:
             count(batch)

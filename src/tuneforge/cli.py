@@ -253,7 +253,10 @@ def _bench(args) -> int:
                        max_length=args.max_length, steps=args.steps, lora_r=args.lora_r, dtype=args.dtype,
                        packing=args.packing, full=args.full, gradient_checkpointing=args.gradient_checkpointing,
                        load_in=args.load_in, precompute_ref=args.precompute_ref, generations=args.generations,
-                       max_new_tokens=args.max_new_tokens)
+                       max_new_tokens=args.max_new_tokens, model_dtype=args.model_dtype,
+                       attn_implementation=args.attn_implementation, loss_chunk_size=args.loss_chunk_size,
+                       rows=args.rows, warmup_steps=args.warmup_steps, compile=args.compile,
+                       checkpoint_fraction=args.checkpoint_fraction)
     print(json.dumps(result))
     return 0
 
@@ -429,6 +432,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                        help="bfloat16 runs bf16 autocast over float32 weights")
     bench.add_argument("--packing", action="store_true", help="pack rows into max-length sequences")
+    bench.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16"],
+                       help="dtype the weights are stored in (model.dtype); --dtype is the compute dtype")
+    bench.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flex_attention"],
+                       help="model.attn_implementation (flex_attention: packed rows skip masked blocks; CUDA)")
+    bench.add_argument("--loss-chunk-size", type=int, default=256, help="train.loss_chunk_size (default 256)")
+    bench.add_argument("--rows", type=int, default=64, help="synthetic rows when --data is not given (default 64)")
+    bench.add_argument("--warmup-steps", type=int, default=1, help="untimed steps first (default 1)")
+    bench.add_argument("--compile", action="store_true", help="train.compile: torch.compile the decoder (sft)")
+    bench.add_argument("--checkpoint-fraction", type=float, default=1.0,
+                       help="train.checkpoint_fraction: with --gradient-checkpointing, the share of layers recomputed")
     bench.add_argument("--load-in", default="none", choices=["none", "4bit", "8bit"],
                        help="quantize the base through bitsandbytes (QLoRA)")
     bench.add_argument("--gradient-checkpointing", action="store_true",

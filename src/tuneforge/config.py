@@ -36,7 +36,9 @@ class ModelConfig:
         name_or_path: ``default`` (embedded SmolLM2-135M-Instruct), a local Hugging Face folder, a ``.gguf``
             file, a tuneforge run directory, or a hub id.
         dtype: weight dtype: ``float32``, ``bfloat16`` or ``float16``.
-        attn_implementation: attention kernel passed to transformers (``sdpa`` or ``eager``).
+        attn_implementation: attention kernel passed to transformers (``sdpa``, ``eager`` or ``flex_attention``).
+            With ``flex_attention`` (CUDA), packed rows pass no dense mask: transformers builds a block mask from
+            the position ids, so attention across samples in a pack is neither computed nor allowed.
         load_in: quantise the base model's linear layers while loading, through bitsandbytes: ``none``,
             ``4bit`` (QLoRA) or ``8bit`` (LLM.int8). A quantized base is frozen, so it needs ``lora.enabled``;
             the output head and embeddings stay in ``dtype``. Needs ``pip install 'tuneforge[qlora]'``.
@@ -48,7 +50,7 @@ class ModelConfig:
 
     name_or_path: str = DEFAULT_MODEL
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     load_in: Literal["none", "4bit", "8bit"] = "none"
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
@@ -74,6 +76,11 @@ class DataConfig:
             ``drop`` (counted) or ``raise``.
         packing: concatenate rows into sequences of ``max_length`` tokens, with attention kept inside each row.
         shuffle: shuffle the training rows every epoch (with the run's seed).
+        group_by_length: form each micro-batch from rows of similar length, so batches carry little padding
+            (transformers' ``group_by_length``): the epoch's shuffled rows are cut into mega-batches of 50 global
+            micro-batches, each sorted by length and cut into micro-batches, whose order is then shuffled with the
+            run's seed. Methods sft, reward and the preference methods; not with ``packing`` (which already
+            removes padding); default false.
         shared_prompt: preference pairs (dpo, simpo, orpo): one sequence per pair, prompt + chosen + rejected,
             with rejected attending to the prompt but not to chosen, so the prompt's forward and backward run once
             instead of twice. Exact (the same log-probs and gradients as two rows); ``false`` runs two rows.
@@ -91,6 +98,7 @@ class DataConfig:
     on_truncation: Literal["drop", "raise"] = "drop"
     packing: bool = False
     shuffle: bool = True
+    group_by_length: bool = False
     shared_prompt: bool = True
 
 
@@ -147,6 +155,12 @@ class TrainConfig:
             extra memory is about loss_chunk_size x vocab floats.
         gradient_checkpointing: recompute each decoder layer's activations in backward instead of keeping them
             (much less memory, about a third more compute).
+        checkpoint_fraction: with ``gradient_checkpointing``, the fraction of decoder layers that recompute
+            (spread evenly over the stack); the others keep their activations, so memory and speed land in
+            between (torchtune's selective checkpointing). Default 1.0: every layer.
+        compile: compile the model's decoder with ``torch.compile`` (dynamic shapes: batches of other lengths reuse
+            the compiled code); the first step, and the first evaluation, pay the compile time. Method sft, one
+            process or ddp; on CPU it needs a C++ compiler (``g++``, or ``$CXX``); default false.
     """
 
     output_dir: str = "runs/sft"
@@ -167,6 +181,8 @@ class TrainConfig:
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     loss_chunk_size: int = 256
     gradient_checkpointing: bool = False
+    checkpoint_fraction: float = 1.0
+    compile: bool = False
 
 
 # Names eval.generation_metrics accepts besides user metrics: the answer metrics of
@@ -532,6 +548,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.max_grad_norm": (0.0, None),
     "train.log_every": (1, None),
     "train.loss_chunk_size": (1, None),
+    "train.checkpoint_fraction": (0.01, 1.0),
     "eval.every": (0, None),
     "eval.patience": (0, None),
     "eval.min_delta": (0.0, None),
@@ -687,8 +704,25 @@ def _check_method(config: RunConfig) -> None:
                           "log-prob per sequence); packing is for sft only")
     if config.method != "sft" and config.data.train_on_prompt:
         raise ConfigError(f"data.train_on_prompt: method {config.method} scores the responses only")
+    _check_performance_options(config)
     if config.method in ONLINE_METHODS:
         _check_online(config)
+
+
+def _check_performance_options(config: RunConfig) -> None:
+    """``data.group_by_length`` and ``train.compile`` against the method and the other options."""
+    if config.data.group_by_length and config.data.packing:
+        raise ConfigError("data.group_by_length and data.packing cannot both be on: packing already removes the "
+                          "padding that grouping by length reduces; set one of them to false")
+    if config.data.group_by_length and config.method in ONLINE_METHODS:
+        raise ConfigError(f"data.group_by_length: method {config.method} batches prompts for sampling, which it "
+                          "does not group; set data.group_by_length=false")
+    if config.train.compile and config.method != "sft":
+        raise ConfigError(f"train.compile: supported for method sft only for now (method {config.method}); set "
+                          "train.compile=false")
+    if config.train.compile and config.distributed.strategy == "fsdp":
+        raise ConfigError("train.compile: not supported with distributed.strategy=fsdp yet (FSDP shards each "
+                          "decoder layer inside the compiled decoder); use ddp or set train.compile=false")
 
 
 def _check_online(config: RunConfig) -> None:

@@ -7,7 +7,7 @@ anything heavy is loaded.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -171,6 +171,39 @@ def global_groups(items: list, batch_size: int, world_size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+# Global micro-batches per mega-batch of length grouping: the default of transformers' LengthGroupedSampler. Larger
+# groups rows of closer lengths (less padding); smaller keeps more of the shuffle's randomness in which rows meet.
+MEGA_BATCH_GROUPS = 50
+
+
+def length_grouped(items: list, size: int, length: Callable[[object], int],
+                   generator: torch.Generator | None) -> list[list]:
+    """Global micro-batches of ``size`` items of similar ``length``, from ``items`` in the epoch's order
+    (``data.group_by_length``).
+
+    The order is cut into mega-batches of ``MEGA_BATCH_GROUPS × size`` items; each is sorted by length, longest
+    first, and cut into micro-batches, so a micro-batch's padding is only the length spread of its neighbours in
+    the sort. The micro-batches are then shuffled with ``generator`` (so the step order does not run from long to
+    short, and stays reproducible from the seed and the same on every rank); without one they stay in sorted
+    order. The one short micro-batch an epoch can end with stays last, so that cutting the flattened result into
+    consecutive groups of ``size`` gives back these micro-batches.
+    """
+    mega = MEGA_BATCH_GROUPS * size
+    groups: list[list] = []
+    for start in range(0, len(items), mega):
+        # A stable sort: rows of equal length keep their shuffled order.
+        ordered = sorted(items[start:start + mega], key=length, reverse=True)
+        groups.extend(ordered[i:i + size] for i in range(0, len(ordered), size))
+    if generator is None or not groups:
+        return groups
+    tail = [groups.pop()] if len(groups[-1]) < size else []
+    return [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()] + tail
+
+
+def sequence_length(example: Example) -> int:
+    return len(example.input_ids)
+
+
 class EpochBatches(RankBatches):
     """SFT micro-batches: rows, or packs of rows (``packed``). For packs, the (seq, seq) attention masks are built
     one batch at a time, so an epoch of long packed sequences costs no more memory than one batch."""
@@ -194,11 +227,18 @@ class EpochBatches(RankBatches):
 
 def make_batches(examples: list[Example], batch_size: int, pad_id: int, *, packing: bool = False,
                  max_length: int = 0, generator: torch.Generator | None = None, rank: int = 0,
-                 world_size: int = 1) -> EpochBatches:
+                 world_size: int = 1, group_by_length: bool = False) -> EpochBatches:
     """One epoch of micro-batches for ``rank`` of ``world_size``. With a generator the order is shuffled (the
     generator is the run's, so the order is reproducible from its seed and the same on every rank); with
-    packing, rows are packed after shuffling."""
+    packing, rows are packed after shuffling; with ``group_by_length``, micro-batches are formed from rows of
+    similar length after shuffling (:func:`length_grouped`; not with packing)."""
+    if packing and group_by_length:
+        raise ValueError("group_by_length and packing exclude each other")  # the config refuses the pair
     ordered: list = epoch_order(examples, generator)
-    if packing:
-        ordered = pack_examples(ordered, max_length)
-    return EpochBatches(global_groups(ordered, batch_size, world_size), pad_id, packing, batch_size, rank)
+    if group_by_length:
+        groups = length_grouped(ordered, batch_size * world_size, sequence_length, generator)
+    else:
+        if packing:
+            ordered = pack_examples(ordered, max_length)
+        groups = global_groups(ordered, batch_size, world_size)
+    return EpochBatches(groups, pad_id, packing, batch_size, rank)

@@ -39,8 +39,9 @@ PREFIX = "step-"
 # Config keys that change what a run trains: resuming with any of them changed is refused unless forced.
 RESUME_KEYS = ("method", "model.name_or_path", "model.dtype", "data.train", "data.validation", "data.val_fraction",
                "data.format", "data.template", "data.system_prompt", "data.max_length", "data.train_on_prompt",
-               "data.packing", "data.shuffle", "lora.enabled", "lora.r", "lora.alpha", "lora.target_modules",
-               "lora.use_rslora", "lora.use_dora", "lora.bias", "train.batch_size", "train.grad_accum", "train.seed",
+               "data.packing", "data.group_by_length", "data.shuffle", "lora.enabled", "lora.r", "lora.alpha",
+               "lora.target_modules", "lora.use_rslora", "lora.use_dora", "lora.bias", "train.batch_size",
+               "train.grad_accum", "train.seed",
                # FSDP checkpoints store the optimiser state by parameter name, DDP and single-process ones by index.
                "distributed.strategy")
 

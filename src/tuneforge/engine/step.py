@@ -57,8 +57,19 @@ def lm_loss_sum(model: torch.nn.Module, batch: Batch, chunk_size: int) -> torch.
     padding positions cost no output-projection FLOPs and the (batch, seq, vocab) logits are never built.
     """
     body, head = decoder_and_head(model)
-    hidden = body(**batch.model_inputs(), use_cache=False).last_hidden_state
+    inputs = batch.model_inputs()
+    if inputs["attention_mask"].dim() == 4 and attention_kernel(body) == "flex_attention":
+        # Packed rows under FlexAttention: no dense (seq, seq) mask. Position ids restart at 0 for each sample, so
+        # transformers derives the samples from them and builds a block mask whose empty blocks are skipped: the
+        # attention FLOPs are those of the samples, not of the whole pack.
+        inputs["attention_mask"] = None
+    hidden = body(**inputs, use_cache=False).last_hidden_state
     return masked_lm_loss_sum(hidden, batch.targets, head, chunk_size)
+
+
+def attention_kernel(model: torch.nn.Module) -> str | None:
+    """The attention implementation transformers runs ``model`` with (``sdpa``, ``eager``, ``flex_attention``)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
 @torch.no_grad()

@@ -84,10 +84,25 @@ class PreferenceRecipe(SFTRecipe):
         return tokenize_preference_data(read, self.config, self.tokenizer, self.template, unpaired=self.unpaired)
 
     def _epoch_batches(self, shuffle: bool, generator: torch.Generator | None = None) -> Sequence:
+        from tuneforge.data.dataset import epoch_order, length_grouped
         from tuneforge.data.preference import make_preference_batches
 
         generator = (generator or self.data_generator) if shuffle and self.config.data.shuffle else None
-        return make_preference_batches(self.data.train, self.config.train.batch_size, self.tokenizer.pad_token_id,
+        examples = self.data.train
+        if self.config.data.group_by_length:
+            def width(example) -> int:
+                """The width ``example`` needs in a batch: its prompt + chosen + rejected row (shared prompt), or
+                the longer of its two sequences."""
+                if self.shared_prompt:
+                    return len(example.chosen.input_ids) + len(example.rejected.input_ids) - example.prompt_length
+                return max(len(side.input_ids) for side in self._sides(example))
+
+            # Grouped in the epoch's order, then handed over in that order (no generator): every group but the last
+            # is full, so make_preference_batches cuts the flat list back into the same global micro-batches.
+            size = self.config.train.batch_size * self.dist.world_size
+            groups = length_grouped(epoch_order(examples, generator), size, width, generator)
+            examples, generator = [example for group in groups for example in group], None
+        return make_preference_batches(examples, self.config.train.batch_size, self.tokenizer.pad_token_id,
                                        generator=generator, rank=self.dist.rank, world_size=self.dist.world_size,
                                        shared_prompt=self.shared_prompt)
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import dataclasses
 import math
+import os
 import random
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -42,7 +44,7 @@ from tuneforge.eval.evaluate import answer_metrics, check_patterns, generation_m
 from tuneforge.eval.functions import RewardFunctions, load_callable
 from tuneforge.eval.heldout import HeldoutRow, read_heldout
 from tuneforge.inference import Generation, Generator
-from tuneforge.models.adapters import add_lora, causal_lm, prepare_quantized
+from tuneforge.models.adapters import add_lora, causal_lm, decoder_and_head, prepare_quantized
 from tuneforge.models.dropout import use_fast_dropout
 from tuneforge.models.memory import GB, device_memory_bytes, shape_from_config
 from tuneforge.models.memory import estimate as estimate_memory
@@ -57,6 +59,61 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def select_checkpointed_layers(model: torch.nn.Module, fraction: float) -> str:
+    """Keep activation checkpointing on for ``fraction`` of the decoder layers, spread evenly (layer i recomputes
+    when floor((i + 1)·f) > floor(i·f)), and switch it off on the others; returns "k of n".
+
+    transformers checks each layer's own ``gradient_checkpointing`` flag at call time, so turning it off on a
+    layer makes that layer keep its activations, exactly as without checkpointing.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    chosen = 0
+    for index, layer in enumerate(layers):
+        recompute = math.floor((index + 1) * fraction + 1e-9) > math.floor(index * fraction + 1e-9)
+        if not recompute:
+            layer.gradient_checkpointing = False
+        chosen += bool(layer.gradient_checkpointing)
+    return f"{chosen} of {len(layers)}"
+
+
+def check_compile_backend(device: torch.device) -> None:
+    """Raise a :class:`ConfigError` when ``train.compile`` cannot work here. On CPU, torch.compile's backend
+    (inductor) writes and builds C++ kernels; without a compiler the first step would fail deep in a traceback."""
+    if device.type != "cpu":
+        return
+    try:
+        from torch._inductor import cpp_builder, exc
+    except ImportError:  # inductor's internals moved: look for the compiler it uses by default
+        found = shutil.which(os.environ.get("CXX", "g++")) is not None
+    else:
+        try:
+            cpp_builder.get_cpp_compiler()
+            found = True
+        except exc.InvalidCxxCompiler:
+            found = False
+    if not found:
+        raise ConfigError("train.compile: torch.compile on CPU builds C++ kernels and needs a C++ compiler (g++, or "
+                          "the one $CXX names), and none was found; install one (e.g. apt-get install g++) or set "
+                          "train.compile=false")
+
+
+def compile_decoder(model: torch.nn.Module) -> None:
+    """Compile the decoder body of ``model`` in place (``train.compile``).
+
+    The body (embeddings and decoder layers, returning (batch, seq, hidden)) is what every loss calls
+    (``engine.step.lm_loss_sum``); the chunked output head and loss stay eager (a python loop over a number of
+    chunks that changes with every batch). ``nn.Module.compile`` compiles in place, so parameter names, state
+    dicts, checkpoints and the saved adapter are unchanged and DDP wraps the model as before. ``dynamic=True``
+    makes batch size and sequence length symbolic, so a batch of another shape reuses the compiled code; a new
+    graph is compiled only for what changes the code: eval mode, a packed (batch, 1, seq, seq) mask, a batch of
+    one row, generation with a KV cache.
+    """
+    body, _ = decoder_and_head(model)
+    body.compile(dynamic=True)
 
 
 def optimizer_windows(batches: Sequence[Batch], grad_accum: int) -> Iterator[list[Batch]]:
@@ -98,7 +155,9 @@ class SFTRecipe:
         self.state = ckpt.TrainState()
         self._saved_steps: set[int] = set()  # checkpoints this process wrote (not those of an earlier run)
         self._clock_start = time.perf_counter()
-        self._losses_since_eval: list[float] = []
+        self._losses_since_eval: list[torch.Tensor] = []  # device scalars, read at log and eval steps
+        # The first non-finite step as a device tensor (step, loss, grad norm); step 0 = none so far.
+        self._non_finite: torch.Tensor | None = None
         self._log = log
         self.generation_rows: list[HeldoutRow] = []  # eval.generation_data's prompts (read in setup)
         self.generation_functions: RewardFunctions | None = None  # its user metrics, keyed by function name
@@ -242,6 +301,8 @@ class SFTRecipe:
 
     def _build_model(self, source) -> torch.nn.Module:
         config = self.config
+        if config.train.compile:
+            check_compile_backend(self.device)  # before loading: a missing compiler fails in a second
         if self.reference_is_start and source.adapter is not None and config.lora.enabled:
             # Starting from a LoRA run (typically the SFT stage): that run's model is the reference, so its adapter
             # is folded into the base and a fresh adapter trains on top; "adapter off" is then exactly the start.
@@ -272,8 +333,17 @@ class SFTRecipe:
                 lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.train.gradient_checkpointing:
+            checkpointed = select_checkpointed_layers(model, config.train.checkpoint_fraction)
+            if config.train.checkpoint_fraction < 1:
+                self.log(f"activation checkpointing: {checkpointed} decoder layers recompute, the others keep "
+                         "their activations")
         # Dropout lives in the adapters; the base model has none to switch on.
         model.train()
+        if config.train.compile:
+            compile_decoder(model)
+            self.log("train.compile: the decoder compiles on the first training batch (and again on the first "
+                     "evaluation, in eval mode); those steps are slower")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         mode = f"LoRA r={config.lora.r}" if config.lora.enabled else "full fine-tuning"
@@ -339,7 +409,8 @@ class SFTRecipe:
         generator = (generator or self.data_generator) if shuffle and self.config.data.shuffle else None
         return make_batches(self.data.train, self.config.train.batch_size, self.tokenizer.pad_token_id,
                             packing=self.config.data.packing, max_length=self.config.data.max_length,
-                            generator=generator, rank=self.dist.rank, world_size=self.dist.world_size)
+                            generator=generator, rank=self.dist.rank, world_size=self.dist.world_size,
+                            group_by_length=self.config.data.group_by_length)
 
     # ----------------------------------------------------------------------------------------------- train
     def compute_gradients(self, window: list[Batch]) -> torch.Tensor:
@@ -365,8 +436,9 @@ class SFTRecipe:
     def train_step(self, window: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimiser step over ``window``; returns (mean loss over all ranks, grad norm).
 
-        A NaN or infinite loss or gradient norm raises before the optimiser step, so no update (and no
-        checkpoint) ever contains it.
+        A NaN or infinite loss or gradient norm stops the run without saving (``check_non_finite``): on CPU before
+        the optimiser step; on an accelerator at the next log step, checkpoint or evaluation, so that the step has
+        no host-device sync. No checkpoint ever contains it.
         """
         loss, grad_norm = self.apply_gradients(self.compute_gradients(window))
         self.scheduler.step()
@@ -381,15 +453,42 @@ class SFTRecipe:
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.config.train.max_grad_norm if self.config.train.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-        for name, value in (("loss", loss), ("gradient norm", grad_norm)):
-            number = to_float(value)
-            if not math.isfinite(number):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(f"step {self.state.step + 1}: the {name} is {number}; stopping without "
-                                         "saving (lower train.lr, or check the data)")
+        self._record_non_finite(loss, grad_norm)
+        if self.check_every_step:
+            self.check_non_finite()  # CPU ops are synchronous: reading the flag costs nothing there
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
+
+    @property
+    def check_every_step(self) -> bool:
+        """Whether the non-finite guard reads its flag every step (CPU) or only where the loop syncs anyway."""
+        return self.device.type == "cpu"
+
+    @torch.no_grad()
+    def _record_non_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Keep (step, loss, grad norm) of the first step whose loss or gradient norm is not finite, on the device,
+        without reading anything back."""
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor; its full value is a collective, not a host read
+            grad_norm = grad_norm.full_tensor()
+        if self._non_finite is None:
+            self._non_finite = torch.zeros(3, dtype=torch.float64, device=loss.device)
+        record = torch.stack([torch.full((), self.state.step + 1, dtype=torch.float64, device=loss.device),
+                              loss.detach().double(), grad_norm.detach().double()])
+        first = ~(torch.isfinite(loss) & torch.isfinite(grad_norm)) & (self._non_finite[0] == 0)
+        self._non_finite = torch.where(first, record, self._non_finite)
+
+    def check_non_finite(self) -> None:
+        """Raise ``NonFiniteLossError`` naming the first step whose loss or gradient norm was NaN or infinite (one
+        host read). Called before every log record, evaluation and checkpoint, so none of them shows such a step."""
+        if self._non_finite is None:
+            return
+        step, loss, grad_norm = self._non_finite.tolist()
+        if step:
+            self.optimizer.zero_grad(set_to_none=True)
+            name, number = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
+            raise NonFiniteLossError(f"step {int(step)}: the {name} is {number}; stopping without saving (lower "
+                                     "train.lr, or check the data)")
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:
@@ -450,11 +549,13 @@ class SFTRecipe:
             step_tokens = self._window_tokens(window)
             state.tokens += step_tokens
             interval_tokens += step_tokens
-            self._losses_since_eval.append(to_float(loss))
+            self._losses_since_eval.append(loss.detach())
             metrics.advance()
             if state.step % config.train.log_every == 0 or state.step == self.total_steps:
+                # The only host reads of the step's numbers happen here, at log steps.
+                self.check_non_finite()
                 now = time.perf_counter()
-                record = {"step": state.step, "epoch": state.epoch, "loss": self._losses_since_eval[-1], "lr": lr,
+                record = {"step": state.step, "epoch": state.epoch, "loss": to_float(loss), "lr": lr,
                           "grad_norm": to_float(grad_norm), "tokens": state.tokens,
                           "tokens_per_s": interval_tokens / max(now - interval_start, 1e-9),
                           "elapsed_s": now - self._clock_start, **self._step_metrics()}
@@ -489,7 +590,12 @@ class SFTRecipe:
         return bool(self.state.evaluations) and self.state.evaluations[-1]["step"] == self.state.step
 
     def _stop_requested(self, stop: StopRequest) -> bool:
-        """A signal on any rank stops every rank at the same step."""
+        """A signal on any rank stops every rank at the same step. One process reads its own flag; several agree
+        at log steps (and the last step), so the other steps have no collective and no host sync."""
+        if not self.dist.enabled:
+            return stop.requested is not None
+        if self.state.step % self.config.train.log_every and self.state.step < self.total_steps:
+            return False
         flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
         if self.dist.enabled:
             dist.all_reduce(flag)
@@ -541,13 +647,14 @@ class SFTRecipe:
 
     def _evaluate_and_track(self, metrics: MetricsLog) -> str | None:
         """Evaluate, log, update the best checkpoint and the early-stopping state; returns a stop reason."""
+        self.check_non_finite()
         result = self._evaluation()
         if result is None:
             return None
         state = self.state
-        losses = self._losses_since_eval
+        losses = torch.stack(self._losses_since_eval).tolist() if self._losses_since_eval else []
         train_loss = sum(losses) / len(losses) if losses else None
-        losses.clear()
+        self._losses_since_eval.clear()
         record = {"step": state.step, **result}
         self.history.append(record)
         metrics.log(record)
@@ -566,6 +673,7 @@ class SFTRecipe:
 
     def _checkpoint(self) -> None:
         """Save a checkpoint of the current step (every rank joins: gathering sharded weights is collective)."""
+        self.check_non_finite()
         if self.run_dir is None:
             return
         state = self.state
