@@ -53,11 +53,14 @@ def test_compiled_run_matches_the_eager_run(make_config, qa_file):
 
 
 def test_a_missing_cpp_compiler_is_a_clear_error(make_config, qa_file, monkeypatch):
-    from torch._inductor import config as inductor_config
+    from torch._inductor import cpp_builder, exc
 
-    # None: inductor's optional conda download of g++, off unless TORCH_INDUCTOR_INSTALL_GXX is set.
-    monkeypatch.delenv("TORCH_INDUCTOR_INSTALL_GXX", raising=False)
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-c++-compiler"))
+    # Inductor's own lookup finds nothing. (Patching the lookup, not inductor's config: a config entry set and
+    # restored by monkeypatch stays hidden for the rest of the process, and later compiles fail.)
+    def no_compiler():
+        raise exc.InvalidCxxCompiler()
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
     recipe = SFTRecipe(make_config(qa_file, train={"max_steps": 1, "compile": True}), log=quiet,
                        show_progress=False, run_dir=False)
     with pytest.raises(ConfigError, match=r"train.compile: torch.compile on CPU .* needs a C\+\+ compiler"):

@@ -41,3 +41,33 @@ def test_packed_flex_attention_loss_equals_padded_sdpa(tokenizer):
         leaky = engine_step.lm_loss_sum(model, leaky_batch, 8)
     assert flex.item() == pytest.approx(reference.item(), rel=1e-5)
     assert abs(leaky.item() - reference.item()) > 20 * 1e-5 * reference.item()  # 20x the parity tolerance
+
+
+def test_packed_rows_under_the_eager_kernel_match_padded_sdpa(tokenizer):
+    # transformers hands a 4-D mask to the kernel as it is, and the eager kernel *adds* it to the scores: a boolean
+    # mask must arrive there as 0 / most-negative (engine.step.kernel_mask), or every sample would see its
+    # neighbours and the future. Forward and backward, on CPU.
+    examples = _examples([7, 12, 1, 5, 9])
+    packed = collate_packed([examples[:3], examples[3:]], tokenizer.pad_token_id)
+    padded = collate_padded(examples, tokenizer.pad_token_id)
+    losses, grads = [], []
+    for kernel, batch in (("sdpa", padded), ("eager", packed)):
+        model = build_tiny_model(tokenizer)
+        model.config._attn_implementation = kernel
+        loss = engine_step.lm_loss_sum(model, batch, 8)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_flex_attention_is_refused_where_masks_are_not_per_sample_causal(tmp_path):
+    # Shared-prompt pairs carry a (seq, seq) mask in which rejected sees the prompt but not chosen: transformers'
+    # FlexAttention would read a tensor mask as scores, so the config refuses the pair before anything loads.
+    from tuneforge.config import config_from_dict
+    from tuneforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="flex_attention: for method sft"):
+        config_from_dict({"method": "dpo", "model": {"attn_implementation": "flex_attention"},
+                          "data": {"train": str(tmp_path / "pairs.jsonl")}})

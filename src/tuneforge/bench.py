@@ -117,6 +117,8 @@ def run_bench(method: str = "sft", model: str = "default", data: str | None = No
     model_options = {"dtype": model_dtype, "attn_implementation": attn_implementation}
     if load_in == "4bit":  # the 4-bit base is dequantised to the compute dtype for each matmul
         model_options["compute_dtype"] = dtype
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be 0 or more, not {warmup_steps}")
     train_options = {"loss_chunk_size": loss_chunk_size, "max_steps": steps + warmup_steps, "compile": compile,
                      "checkpoint_fraction": checkpoint_fraction}
     if method in ("grpo", "rloo", "ppo"):
@@ -187,7 +189,7 @@ def run_preference_bench(method: str, model: str, data: str | None, batch_size: 
             counts["pairs"] += batch.num_pairs
             counts["tokens"] += batch.sequences.num_tokens
 
-        elapsed = _time_steps(recipe, steps, count)
+        elapsed = _time_steps(recipe, steps, count, _warmup(steps, train_options))
         n_matmul = matmul_parameters(recipe.model)
         n_lora = lora_parameters(recipe.model)
         per_token = 6 * n_matmul if full else 4 * n_matmul + 6 * n_lora
@@ -245,7 +247,9 @@ def run_online_bench(method: str, model: str, data: str | None, batch_size: int,
                 counts["generated"] += int(rollout.samples.mask.sum())
                 counts["tokens"] += int(rollout.samples.attention_mask.sum())
 
-        recipe.train_step([recipe._epoch_batches(shuffle=False)[0]])  # warm-up, untimed
+        batches = recipe._epoch_batches(shuffle=False)
+        for index in range(_warmup(steps, train_options)):  # untimed
+            recipe.train_step([batches[index % len(batches)]])
         engine.sample = timed_sample
         elapsed = _time_steps(recipe, steps, count, warm_up=0)
         return {
@@ -286,6 +290,11 @@ def _set_up(scratch: str, synthetic, method: str, model: str, data: str | None, 
     recipe = recipe_for(method)(config, log=lambda message: None, show_progress=False, run_dir=False)
     recipe.setup()
     return recipe
+
+
+def _warmup(steps: int, train_options: dict | None) -> int:
+    """Untimed steps: the run is planned for ``steps`` + warm-up steps (``max_steps`` in ``train_options``)."""
+    return (train_options or {}).get("max_steps", steps + 1) - steps
 
 
 def _time_steps(recipe, steps: int, count, warm_up: int = 1) -> float:

@@ -717,6 +717,10 @@ def _check_performance_options(config: RunConfig) -> None:
     if config.data.group_by_length and config.method in ONLINE_METHODS:
         raise ConfigError(f"data.group_by_length: method {config.method} batches prompts for sampling, which it "
                           "does not group; set data.group_by_length=false")
+    if config.model.attn_implementation == "flex_attention" and config.method != "sft":
+        raise ConfigError(f"model.attn_implementation=flex_attention: for method sft (packed rows get a block mask "
+                          f"from their position ids); method {config.method} passes its own (seq, seq) masks, which "
+                          "transformers' FlexAttention would read as scores; use sdpa")
     if config.train.compile and config.method != "sft":
         raise ConfigError(f"train.compile: supported for method sft only for now (method {config.method}); set "
                           "train.compile=false")

@@ -61,10 +61,22 @@ def lm_loss_sum(model: torch.nn.Module, batch: Batch, chunk_size: int) -> torch.
     if inputs["attention_mask"].dim() == 4 and attention_kernel(body) == "flex_attention":
         # Packed rows under FlexAttention: no dense (seq, seq) mask. Position ids restart at 0 for each sample, so
         # transformers derives the samples from them and builds a block mask whose empty blocks are skipped: the
-        # attention FLOPs are those of the samples, not of the whole pack.
+        # attention FLOPs are those of the samples, not of the whole pack. (Only packed SFT rows come here with a
+        # 4-D mask; the config refuses flex_attention for methods whose masks are not per-sample causal.)
         inputs["attention_mask"] = None
+    inputs["attention_mask"] = kernel_mask(body, inputs["attention_mask"])
     hidden = body(**inputs, use_cache=False).last_hidden_state
     return masked_lm_loss_sum(hidden, batch.targets, head, chunk_size)
+
+
+def kernel_mask(model: torch.nn.Module, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``mask`` in the form ``model``'s attention kernel reads. transformers passes a 4-D mask to the kernel as it
+    is; SDPA reads a boolean one as "may attend", but the eager kernel adds it to the scores, so a boolean
+    (batch, 1, seq, seq) mask (packed rows, shared-prompt pairs) becomes 0 / most-negative there."""
+    if mask is None or mask.dim() != 4 or mask.dtype != torch.bool or attention_kernel(model) != "eager":
+        return mask
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+        ~mask, torch.finfo(torch.float32).min)
 
 
 def attention_kernel(model: torch.nn.Module) -> str | None:

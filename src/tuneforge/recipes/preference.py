@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from tuneforge.data.prepare import read_preference_data, tokenize_preference_data
 from tuneforge.engine.distributed import no_sync, reshard
-from tuneforge.engine.step import autocast, move
+from tuneforge.engine.step import autocast, kernel_mask, move
 from tuneforge.errors import UserError
 from tuneforge.losses import (PreferenceLoss, SequenceLogprobs, dpo_loss, kto_loss, orpo_odds_ratio_loss,
                               sequence_logprobs_from_hidden, simpo_loss)
@@ -175,7 +175,9 @@ class PreferenceRecipe(SFTRecipe):
         body, head = decoder_and_head(model)
         chunk = self.config.train.loss_chunk_size
         with autocast(self.device, self.bf16):
-            hidden = body(**sequences.model_inputs(), use_cache=False).last_hidden_state
+            inputs = sequences.model_inputs()
+            inputs["attention_mask"] = kernel_mask(body, inputs["attention_mask"])
+            hidden = body(**inputs, use_cache=False).last_hidden_state
             chosen = sequence_logprobs_from_hidden(hidden, sequences.targets, head, chunk)
             if rejected_targets is None:
                 return chosen

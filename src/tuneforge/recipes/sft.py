@@ -74,6 +74,7 @@ def select_checkpointed_layers(model: torch.nn.Module, fraction: float) -> str:
     chosen = 0
     for index, layer in enumerate(layers):
         recompute = math.floor((index + 1) * fraction + 1e-9) > math.floor(index * fraction + 1e-9)
+        recompute = recompute or (index == len(layers) - 1 and chosen == 0)  # at least one layer, as asked
         if not recompute:
             layer.gradient_checkpointing = False
         chosen += bool(layer.gradient_checkpointing)
@@ -650,6 +651,7 @@ class SFTRecipe:
         self.check_non_finite()
         result = self._evaluation()
         if result is None:
+            self._losses_since_eval.clear()  # nothing to average them for
             return None
         state = self.state
         losses = torch.stack(self._losses_since_eval).tolist() if self._losses_since_eval else []
@@ -709,6 +711,7 @@ class SFTRecipe:
     def save(self, summary: dict | None = None) -> Path | None:
         """Write the final model (the best checkpoint's weights when ``eval.final`` is ``best``), summary.json
         and curves.png. Every rank calls it; only rank 0 writes."""
+        self.check_non_finite()
         if self.run_dir is None:
             return None
         state = self.state
