@@ -105,6 +105,10 @@ def test_checkpointing_keeps_layer_inputs_and_one_layer():
     # Each layer keeps only its input; backward recomputes one layer at a time.
     assert checkpointed.activations == shape.layers * tokens * h * unit + layer + final_norm
     assert full.activations - checkpointed.activations == (shape.layers - 1) * layer - shape.layers * tokens * h * unit
+    # train.checkpoint_fraction 0.5: 15 of the 30 layers recompute, the other 15 keep everything.
+    half = estimate(shape, method="lora", seq_len=198, batch=4, grad_checkpointing=True, checkpoint_fraction=0.5)
+    assert half.activations == 15 * tokens * h * unit + 15 * layer + layer + final_norm
+    assert checkpointed.activations < half.activations < full.activations
 
 
 def test_qlora_activations_follow_the_compute_dtype():

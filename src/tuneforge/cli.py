@@ -268,7 +268,8 @@ def _estimate(args) -> int:
     result = estimate(shape, method=args.method, seq_len=args.seq_len, batch=args.batch, lora_r=args.lora_r,
                       grad_checkpointing=args.grad_checkpointing, optimizer=args.optimizer,
                       world_size=args.world_size, fsdp=args.fsdp, dtype=args.dtype,
-                      activations_gb=args.activations_gb, loss_chunk=args.loss_chunk_size, device=args.device)
+                      activations_gb=args.activations_gb, loss_chunk=args.loss_chunk_size, device=args.device,
+                      checkpoint_fraction=args.checkpoint_fraction)
     if args.json:
         print(json.dumps({"model": shape.name, "method": args.method, **result.as_dict()}))
     else:
@@ -464,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--batch", type=int, default=1, help="micro-batch size per process")
     est.add_argument("--lora-r", type=int, default=16)
     est.add_argument("--grad-checkpointing", action="store_true")
+    est.add_argument("--checkpoint-fraction", type=float, default=1.0,
+                     help="train.checkpoint_fraction: with --grad-checkpointing, the share of layers recomputed")
     est.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "sgd"])
     est.add_argument("--world-size", type=int, default=1)
     est.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimiser states")

@@ -29,6 +29,7 @@ float checkpoint that stays memory-mapped.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -207,9 +208,17 @@ class Estimate:
         return asdict(self)
 
 
+def checkpointed_layers(layers: int, fraction: float) -> int:
+    """How many of ``layers`` decoder layers recompute under ``train.checkpoint_fraction`` (at least one; the
+    recipe spreads them evenly: recipes.sft.select_checkpointed_layers)."""
+    return max(1, math.floor(layers * fraction + 1e-9))
+
+
 def activation_bytes(shape: ModelShape, seq_len: int, batch: int, dtype: str = "float32",
-                     grad_checkpointing: bool = False, flash: bool = True, lora_dropout: bool = False) -> float:
-    """Activations kept for backward by the decoder layers (formula in the module docstring)."""
+                     grad_checkpointing: bool = False, flash: bool = True, lora_dropout: bool = False,
+                     checkpoint_fraction: float = 1.0) -> float:
+    """Activations kept for backward by the decoder layers (formula in the module docstring); with
+    ``checkpoint_fraction`` < 1 only that share of the layers recomputes and the others keep everything."""
     tokens, h = seq_len * batch, shape.hidden
     per_token = 7 * h + 2 * shape.kv_heads * shape.dim + 4 * shape.intermediate
     if not flash:
@@ -220,8 +229,10 @@ def activation_bytes(shape: ModelShape, seq_len: int, batch: int, dtype: str = "
     layer = tokens * per_token * unit
     final_norm = 2 * tokens * h * unit
     if grad_checkpointing:
-        # Each layer keeps its input; backward recomputes one layer at a time, which then holds all of its own.
-        return shape.layers * tokens * h * unit + layer + final_norm
+        # Each checkpointed layer keeps its input; backward recomputes one layer at a time, which then holds all of
+        # its own. The layers left out of checkpointing keep all of theirs.
+        recomputed = checkpointed_layers(shape.layers, checkpoint_fraction)
+        return recomputed * tokens * h * unit + (shape.layers - recomputed) * layer + layer + final_norm
     return shape.layers * layer + final_norm
 
 
@@ -255,7 +266,8 @@ def heap_retention_bytes(shape: ModelShape, seq_len: int, batch: int, dtype: str
 def estimate(shape: ModelShape, method: str = "full", seq_len: int = 512, batch: int = 1, lora_r: int = 16,
              grad_checkpointing: bool = False, optimizer: str = "adamw", world_size: int = 1, fsdp: bool = False,
              dtype: str = "float32", activations_gb: float | None = None, loss_chunk: int = DEFAULT_LOSS_CHUNK,
-             lora_dropout: bool = True, flash: bool = True, device: str = "cuda") -> Estimate:
+             lora_dropout: bool = True, flash: bool = True, device: str = "cuda",
+             checkpoint_fraction: float = 1.0) -> Estimate:
     """Memory of one training process (one GPU under DDP/FSDP).
 
     Args:
@@ -301,7 +313,8 @@ def estimate(shape: ModelShape, method: str = "full", seq_len: int = 512, batch:
         activations = activations_gb * GB
         notes.append("activations: given by --activations-gb")
     else:
-        activations = activation_bytes(shape, seq_len, batch, dtype, grad_checkpointing, flash, dropout)
+        activations = activation_bytes(shape, seq_len, batch, dtype, grad_checkpointing, flash, dropout,
+                                       checkpoint_fraction)
         notes.append("activations: " + ACTIVATIONS_DOC)
     logits = loss_bytes(shape, seq_len * batch, loss_chunk, head_trains=method == "full")
     runtime = heap = 0.0

@@ -367,6 +367,7 @@ class SFTRecipe:
         rows, longest = self._sequence_shape()
         result = estimate_memory(shape, method, seq_len=longest, batch=rows, lora_r=config.lora.r,
                                  grad_checkpointing=config.train.gradient_checkpointing,
+                                 checkpoint_fraction=config.train.checkpoint_fraction,
                                  world_size=self.dist.world_size, fsdp=config.distributed.strategy == "fsdp",
                                  dtype=config.model.compute_dtype if method == "qlora" else config.model.dtype,
                                  loss_chunk=config.train.loss_chunk_size, lora_dropout=config.lora.dropout > 0,
