@@ -186,6 +186,18 @@ def test_shared_prompt_layout_equals_two_rows_per_pair(pref_config, lora):
         torch.testing.assert_close(shared_grads[name], row_grads[name], atol=1e-5, rtol=1e-3)
 
 
+def test_shared_prompt_mask_holds_under_the_eager_kernel(pref_config):
+    """The eager kernel adds a 4-D mask to the scores, so the shared-prompt mask reaches it as 0 / most-negative
+    (engine.step.kernel_mask): the log-probs equal those of two plain rows per pair under SDPA."""
+    logps = {}
+    for kernel, shared in (("eager", True), ("sdpa", False)):
+        recipe = ready(pref_config("dpo", model={"attn_implementation": kernel}, data={"shared_prompt": shared},
+                                   dpo={"precompute_ref": True}))
+        with torch.no_grad():
+            logps[kernel] = recipe._logprobs(recipe.model, recipe._epoch_batches(shuffle=False)[0]).sums
+    torch.testing.assert_close(logps["eager"], logps["sdpa"], atol=1e-4, rtol=1e-5)
+
+
 def test_lora_reference_is_the_starting_model_without_a_copy(pref_config, tiny_model_dir):
     """After training, the adapter-disabled policy still gives the starting model's log-probs, and no second copy
     of the model exists."""
