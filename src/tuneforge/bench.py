@@ -119,21 +119,21 @@ def run_bench(method: str = "sft", model: str = "default", data: str | None = No
         model_options["compute_dtype"] = dtype
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be 0 or more, not {warmup_steps}")
-    train_options = {"loss_chunk_size": loss_chunk_size, "max_steps": steps + warmup_steps, "compile": compile,
+    train_options = {"loss_chunk_size": loss_chunk_size, "compile": compile,
                      "checkpoint_fraction": checkpoint_fraction}
     if method in ("grpo", "rloo", "ppo"):
         return run_online_bench(method, model, data, batch_size, max_length, steps, lora_r, dtype, full,
                                 gradient_checkpointing, load_in, generations, max_new_tokens,
-                                model_options=model_options, train_options=train_options)
+                                model_options=model_options, train_options=train_options, warmup_steps=warmup_steps)
     if method != "sft":
         return run_preference_bench(method, model, data, batch_size, max_length, steps, lora_r, dtype, full,
-                                    gradient_checkpointing, load_in, precompute_ref,
-                                    model_options=model_options, train_options=train_options)
+                                    gradient_checkpointing, load_in, precompute_ref, model_options=model_options,
+                                    train_options=train_options, warmup_steps=warmup_steps)
     with tempfile.TemporaryDirectory() as scratch:
         recipe = _set_up(scratch, lambda: synthetic_rows(rows), method, model, data, batch_size, max_length, steps,
                          lora_r, dtype, full, gradient_checkpointing, load_in, lr=1e-4,
                          data_options={"packing": packing}, model_options=model_options,
-                         train_options=train_options)
+                         train_options=train_options, warmup_steps=warmup_steps)
         counts = {"tokens": 0, "trained": 0, "attention_flops": 0.0}
         cfg = recipe.model.config
 
@@ -169,7 +169,7 @@ def run_bench(method: str = "sft", model: str = "default", data: str | None = No
 def run_preference_bench(method: str, model: str, data: str | None, batch_size: int, max_length: int, steps: int,
                          lora_r: int, dtype: str, full: bool, gradient_checkpointing: bool, load_in: str,
                          precompute_ref: bool, model_options: dict | None = None,
-                         train_options: dict | None = None) -> dict:
+                         train_options: dict | None = None, warmup_steps: int = 1) -> dict:
     """Pairs/s, tokens/s and peak memory of DPO-family training (``method`` dpo, simpo, orpo or reward).
 
     Model FLOPs count the policy's forward and backward on both sides of each pair (4·N per token for LoRA, 6·N
@@ -181,7 +181,7 @@ def run_preference_bench(method: str, model: str, data: str | None, batch_size: 
         recipe = _set_up(scratch, synthetic_pairs, method, model, data, batch_size, max_length, steps, lora_r,
                          dtype, full, gradient_checkpointing, load_in, lr=1e-5,
                          sections={"dpo": {"precompute_ref": precompute_ref}}, model_options=model_options,
-                         train_options=train_options)
+                         train_options=train_options, warmup_steps=warmup_steps)
         setup_s = time.perf_counter() - setup_start
         counts = {"pairs": 0, "tokens": 0}
 
@@ -189,7 +189,7 @@ def run_preference_bench(method: str, model: str, data: str | None, batch_size: 
             counts["pairs"] += batch.num_pairs
             counts["tokens"] += batch.sequences.num_tokens
 
-        elapsed = _time_steps(recipe, steps, count, _warmup(steps, train_options))
+        elapsed = _time_steps(recipe, steps, count, warmup_steps)
         n_matmul = matmul_parameters(recipe.model)
         n_lora = lora_parameters(recipe.model)
         per_token = 6 * n_matmul if full else 4 * n_matmul + 6 * n_lora
@@ -211,7 +211,7 @@ def run_preference_bench(method: str, model: str, data: str | None, batch_size: 
 def run_online_bench(method: str, model: str, data: str | None, batch_size: int, max_length: int, steps: int,
                      lora_r: int, dtype: str, full: bool, gradient_checkpointing: bool, load_in: str,
                      generations: int, max_new_tokens: int, model_options: dict | None = None,
-                     train_options: dict | None = None) -> dict:
+                     train_options: dict | None = None, warmup_steps: int = 1) -> dict:
     """Steps/s of online RL (``method`` grpo, rloo or ppo) on addition prompts, and where the time goes.
 
     A step samples ``generations`` responses (1 for PPO) of at most ``max_new_tokens`` for each of
@@ -227,7 +227,7 @@ def run_online_bench(method: str, model: str, data: str | None, batch_size: int,
     with tempfile.TemporaryDirectory() as scratch:
         recipe = _set_up(scratch, synthetic_prompts, method, model, data, batch_size, max_length, steps, lora_r,
                          dtype, full, gradient_checkpointing, load_in, lr=1e-5, sections={section: options},
-                         model_options=model_options, train_options=train_options)
+                         model_options=model_options, train_options=train_options, warmup_steps=warmup_steps)
         engine, sampling = recipe.engine, {"s": 0.0}
         sample = engine.sample
 
@@ -248,7 +248,7 @@ def run_online_bench(method: str, model: str, data: str | None, batch_size: int,
                 counts["tokens"] += int(rollout.samples.attention_mask.sum())
 
         batches = recipe._epoch_batches(shuffle=False)
-        for index in range(_warmup(steps, train_options)):  # untimed
+        for index in range(warmup_steps):  # untimed; _time_steps cannot make them: timing is wrapped in between
             recipe.train_step([batches[index % len(batches)]])
         engine.sample = timed_sample
         elapsed = _time_steps(recipe, steps, count, warm_up=0)
@@ -268,9 +268,9 @@ def run_online_bench(method: str, model: str, data: str | None, batch_size: int,
 def _set_up(scratch: str, synthetic, method: str, model: str, data: str | None, batch_size: int, max_length: int,
             steps: int, lora_r: int, dtype: str, full: bool, gradient_checkpointing: bool, load_in: str, lr: float,
             data_options: dict | None = None, sections: dict | None = None, model_options: dict | None = None,
-            train_options: dict | None = None):
-    """The recipe of ``method`` set up for ``steps`` + 1 steps on ``data`` (or the ``synthetic()`` rows written to
-    ``scratch``), rows in file order, writing no run directory."""
+            train_options: dict | None = None, warmup_steps: int = 1):
+    """The recipe of ``method`` set up for ``steps`` + ``warmup_steps`` steps on ``data`` (or the ``synthetic()``
+    rows written to ``scratch``), rows in file order, writing no run directory."""
     from tuneforge.recipes import recipe_for
 
     if data is None:
@@ -282,7 +282,7 @@ def _set_up(scratch: str, synthetic, method: str, model: str, data: str | None, 
         "data": {"train": data, "max_length": max_length, "shuffle": False, **(data_options or {})},
         "lora": {"enabled": not full, "r": lora_r, "alpha": 2 * lora_r},
         "train": {"output_dir": str(Path(scratch) / "run"), "batch_size": batch_size, "epochs": 1000,
-                  "max_steps": steps + 1, "lr": lr, "seed": 0,
+                  "max_steps": steps + warmup_steps, "lr": lr, "seed": 0,
                   "mixed_precision": "bf16" if dtype == "bfloat16" else "no",
                   "gradient_checkpointing": gradient_checkpointing, **(train_options or {})},
         **(sections or {}),
@@ -290,11 +290,6 @@ def _set_up(scratch: str, synthetic, method: str, model: str, data: str | None, 
     recipe = recipe_for(method)(config, log=lambda message: None, show_progress=False, run_dir=False)
     recipe.setup()
     return recipe
-
-
-def _warmup(steps: int, train_options: dict | None) -> int:
-    """Untimed steps: the run is planned for ``steps`` + warm-up steps (``max_steps`` in ``train_options``)."""
-    return (train_options or {}).get("max_steps", steps + 1) - steps
 
 
 def _time_steps(recipe, steps: int, count, warm_up: int = 1) -> float:

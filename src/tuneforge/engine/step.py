@@ -58,25 +58,32 @@ def lm_loss_sum(model: torch.nn.Module, batch: Batch, chunk_size: int) -> torch.
     """
     body, head = decoder_and_head(model)
     inputs = batch.model_inputs()
-    if inputs["attention_mask"].dim() == 4 and attention_kernel(body) == "flex_attention":
-        # Packed rows under FlexAttention: no dense (seq, seq) mask. Position ids restart at 0 for each sample, so
-        # transformers derives the samples from them and builds a block mask whose empty blocks are skipped: the
-        # attention FLOPs are those of the samples, not of the whole pack. (Only packed SFT rows come here with a
-        # 4-D mask; the config refuses flex_attention for methods whose masks are not per-sample causal.)
-        inputs["attention_mask"] = None
-    inputs["attention_mask"] = kernel_mask(body, inputs["attention_mask"])
+    # A 4-D mask here is always a pack's: causal within each sample, whose position ids restart at 0.
+    inputs["attention_mask"] = kernel_mask(body, inputs["attention_mask"], per_sample_causal=True)
     hidden = body(**inputs, use_cache=False).last_hidden_state
     return masked_lm_loss_sum(hidden, batch.targets, head, chunk_size)
 
 
-def kernel_mask(model: torch.nn.Module, mask: torch.Tensor | None) -> torch.Tensor | None:
+def kernel_mask(model: torch.nn.Module, mask: torch.Tensor | None,
+                per_sample_causal: bool = False) -> torch.Tensor | None:
     """``mask`` in the form ``model``'s attention kernel reads. transformers passes a 4-D mask to the kernel as it
-    is; SDPA reads a boolean one as "may attend", but the eager kernel adds it to the scores, so a boolean
-    (batch, 1, seq, seq) mask (packed rows, shared-prompt pairs) becomes 0 / most-negative there."""
-    if mask is None or mask.dim() != 4 or mask.dtype != torch.bool or attention_kernel(model) != "eager":
+    is. SDPA reads a boolean (batch, 1, seq, seq) mask as "may attend". The eager kernel adds it to the scores, so
+    it becomes 0 / most-negative there. FlexAttention would also read it as scores; a mask that is only
+    ``per_sample_causal`` (packed rows) is dropped instead: transformers derives the samples from the position
+    ids, which restart at 0 for each, and builds a block mask whose empty blocks are skipped, so the attention
+    FLOPs are those of the samples, not of the whole pack. Other masks (shared-prompt pairs) have no such form
+    (the config refuses flex_attention for those methods)."""
+    if mask is None or mask.dim() != 4 or mask.dtype != torch.bool:
         return mask
-    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
-        ~mask, torch.finfo(torch.float32).min)
+    kernel = attention_kernel(model)
+    if kernel == "flex_attention":
+        if not per_sample_causal:
+            raise ValueError("flex_attention cannot take a (seq, seq) mask that is not per-sample causal")
+        return None
+    if kernel == "eager":
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(torch.float32).min)
+    return mask
 
 
 def attention_kernel(model: torch.nn.Module) -> str | None:

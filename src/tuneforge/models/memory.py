@@ -208,10 +208,14 @@ class Estimate:
         return asdict(self)
 
 
-def checkpointed_layers(layers: int, fraction: float) -> int:
-    """How many of ``layers`` decoder layers recompute under ``train.checkpoint_fraction`` (at least one; the
-    recipe spreads them evenly: recipes.sft.select_checkpointed_layers)."""
-    return max(1, math.floor(layers * fraction + 1e-9))
+def recomputed_layers(layers: int, fraction: float) -> list[bool]:
+    """Which of ``layers`` decoder layers recompute under ``train.checkpoint_fraction``: spread evenly (layer i
+    when floor((i + 1)·f) > floor(i·f), floor(layers·f) of them), and at least one. The recipe applies it
+    (recipes.sft.select_checkpointed_layers) and the estimate counts it."""
+    chosen = [math.floor((i + 1) * fraction + 1e-9) > math.floor(i * fraction + 1e-9) for i in range(layers)]
+    if layers and not any(chosen):
+        chosen[-1] = True
+    return chosen
 
 
 def activation_bytes(shape: ModelShape, seq_len: int, batch: int, dtype: str = "float32",
@@ -231,7 +235,7 @@ def activation_bytes(shape: ModelShape, seq_len: int, batch: int, dtype: str = "
     if grad_checkpointing:
         # Each checkpointed layer keeps its input; backward recomputes one layer at a time, which then holds all of
         # its own. The layers left out of checkpointing keep all of theirs.
-        recomputed = checkpointed_layers(shape.layers, checkpoint_fraction)
+        recomputed = sum(recomputed_layers(shape.layers, checkpoint_fraction))
         return recomputed * tokens * h * unit + (shape.layers - recomputed) * layer + layer + final_norm
     return shape.layers * layer + final_norm
 

@@ -223,14 +223,14 @@ class HFEngine:
 
 
 class OnlineRLRecipe(SFTRecipe):
-    # Read the non-finite flag every update: the next rollout samples from the updated weights (a NaN would end
-    # the run in the sampler instead of with a clear error), and a step already syncs to score and decode.
-    check_every_step = True
-
     """The shared part of ``method: grpo | rloo | ppo``; see the module docstring. A method provides
     ``generations`` (responses per prompt), ``rollout`` (one micro-batch's samples and loss inputs),
     ``_loss_sum`` (the loss of one rollout, divided by its ``denominator``) and ``_count`` (what the loss is
     divided by: tokens or responses)."""
+
+    # Read the non-finite flag every update: the next rollout samples from the updated weights (a NaN would end
+    # the run in the sampler instead of with a clear error), and a step already syncs to score and decode.
+    check_every_step = True
 
     generations = 1
     reference_is_start = True

@@ -46,7 +46,7 @@ from tuneforge.eval.heldout import HeldoutRow, read_heldout
 from tuneforge.inference import Generation, Generator
 from tuneforge.models.adapters import add_lora, causal_lm, decoder_and_head, prepare_quantized
 from tuneforge.models.dropout import use_fast_dropout
-from tuneforge.models.memory import GB, device_memory_bytes, shape_from_config
+from tuneforge.models.memory import GB, device_memory_bytes, recomputed_layers, shape_from_config
 from tuneforge.models.memory import estimate as estimate_memory
 from tuneforge.models.loading import Quantization, load_model, load_tokenizer, resolve_model
 
@@ -62,8 +62,8 @@ def seed_everything(seed: int) -> None:
 
 
 def select_checkpointed_layers(model: torch.nn.Module, fraction: float) -> str:
-    """Keep activation checkpointing on for ``fraction`` of the decoder layers, spread evenly (layer i recomputes
-    when floor((i + 1)·f) > floor(i·f)), and switch it off on the others; returns "k of n".
+    """Keep activation checkpointing on for ``fraction`` of the decoder layers (``models.memory.recomputed_layers``
+    picks them) and switch it off on the others; returns "k of n".
 
     transformers checks each layer's own ``gradient_checkpointing`` flag at call time, so turning it off on a
     layer makes that layer keep its activations, exactly as without checkpointing.
@@ -71,14 +71,10 @@ def select_checkpointed_layers(model: torch.nn.Module, fraction: float) -> str:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    chosen = 0
-    for index, layer in enumerate(layers):
-        recompute = math.floor((index + 1) * fraction + 1e-9) > math.floor(index * fraction + 1e-9)
-        recompute = recompute or (index == len(layers) - 1 and chosen == 0)  # at least one layer, as asked
+    for layer, recompute in zip(layers, recomputed_layers(len(layers), fraction)):
         if not recompute:
             layer.gradient_checkpointing = False
-        chosen += bool(layer.gradient_checkpointing)
-    return f"{chosen} of {len(layers)}"
+    return f"{sum(bool(layer.gradient_checkpointing) for layer in layers)} of {len(layers)}"
 
 
 def check_compile_backend(device: torch.device) -> None:
@@ -599,8 +595,7 @@ class SFTRecipe:
         if self.state.step % self.config.train.log_every and self.state.step < self.total_steps:
             return False
         flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
-        if self.dist.enabled:
-            dist.all_reduce(flag)
+        dist.all_reduce(flag)
         return bool(flag.item())
 
     @torch.no_grad()
