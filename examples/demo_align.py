@@ -28,10 +28,11 @@ HERE = Path(__file__).parent
 def main(overrides: list[str]) -> int:
     started = time.perf_counter()
     config = load_config(HERE / "concise_dpo.yaml", overrides)
-    start_model = config.model.name_or_path
-    if start_model == "runs/velmora-sft" and not (Path(start_model) / "tuneforge_run.json").is_file():
-        print("== no SFT run at runs/velmora-sft: training the SFT stage first (as `make demo` does)", flush=True)
-        run_sft(load_config(HERE / "velmora_sft.yaml"), overwrite=True, log=log)
+    start_model = config.model.name_or_path  # absolute: the config's ../runs/velmora-sft, from any directory
+    sft_config = load_config(HERE / "velmora_sft.yaml")
+    if start_model == sft_config.train.output_dir and not (Path(start_model) / "tuneforge_run.json").is_file():
+        print(f"== no SFT run at {start_model}: training the SFT stage first (as `make demo` does)", flush=True)
+        run_sft(sft_config, overwrite=True, log=log)
 
     print(f"== training: DPO (beta {config.dpo.beta}, LoRA r={config.lora.r}) for {config.train.epochs} epochs "
           f"-> {config.train.output_dir}", flush=True)

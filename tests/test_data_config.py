@@ -60,7 +60,7 @@ def test_relative_data_paths_resolve_against_the_config_file(tmp_path, monkeypat
     monkeypatch.chdir(elsewhere)
     config = load_config(config_file)
     assert config.data.train == str(tmp_path / "configs" / "data" / "train.jsonl")
-    assert config.data.validation == str(tmp_path / "configs" / ".." / "shared" / "val.jsonl")
+    assert config.data.validation == str(tmp_path / "shared" / "val.jsonl")  # absolute, `..` folded
     assert config.data.template == str(tmp_path / "configs" / "templates" / "chat.jinja")
 
 
@@ -77,7 +77,8 @@ def test_absolute_paths_and_template_names_are_left_alone(tmp_path):
 def test_override_paths_stay_relative_to_the_working_directory(tmp_path, monkeypatch):
     config_file = write(tmp_path / "configs" / "run.yaml", "data:\n  train: a.jsonl\n")
     monkeypatch.chdir(tmp_path)
-    assert load_config(config_file, ["data.train=b.jsonl"]).data.train == "b.jsonl"
+    # Relative to the working directory (not to configs/), made absolute.
+    assert load_config(config_file, ["data.train=b.jsonl"]).data.train == str(tmp_path / "b.jsonl")
 
 
 def test_empty_section_uses_defaults(tmp_path):

@@ -193,7 +193,8 @@ def test_cli_estimate_json_and_table(capsys):
 
 
 @pytest.mark.parametrize("spec", ["no-such-model", "{tmp}", "{tmp}/config.json"])
-def test_cli_estimate_errors_exit_2(spec, tmp_path, capsys):
+def test_cli_estimate_errors_exit_2(spec, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # "no-such-model" could be a hub id: do not wait on the network
     (tmp_path / "bad").mkdir()
     spec = spec.format(tmp=tmp_path / "bad")
     assert cli_main(["estimate", "--model", spec]) == 2
@@ -212,3 +213,88 @@ def test_train_prints_the_estimate_and_warns_when_it_exceeds_the_device(make_con
     messages.clear()
     sft.run_sft(make_config(qa_file, train={"max_steps": 1}), overwrite=True, log=messages.append)
     assert any(m.startswith("warning: the estimate") and "exceeds" in m for m in messages)
+
+
+def test_cli_estimate_takes_a_run_config_and_its_settings(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "run.yaml").write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(tiny_model_dir), "dtype": "bfloat16"},
+        "data": {"train": "train.jsonl", "max_length": 96}, "lora": {"enabled": False},
+        "train": {"batch_size": 3, "gradient_checkpointing": True, "optimizer": "paged_adamw8bit"}}))
+    monkeypatch.chdir(tmp_path)
+    shape = resolve_shape(str(tiny_model_dir))
+    assert cli_main(["estimate", "--model", "configs/run.yaml", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    expected = estimate(shape, method="full", seq_len=96, batch=3, grad_checkpointing=True, dtype="bfloat16",
+                        optimizer="adamw8bit")
+    assert result["method"] == "full" and result["total"] == expected.total
+    assert result["from_config"]["seq_len"] == 96 and result["from_config"]["batch"] == 3
+    # Flags override the config; the text says which values came from it.
+    assert cli_main(["estimate", "--model", "configs/run.yaml", "--method", "lora", "--batch", "1"]) == 0
+    text = capsys.readouterr().out
+    first = text.splitlines()[0]
+    assert first.startswith("from configs/run.yaml") and "seq-len 96" in first and "batch" not in first
+    assert "lora, bfloat16, adamw8bit, seq 96 x batch 1" in text
+
+
+def test_estimate_resolves_run_directories_to_their_base(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tuneforge_run.json").write_text(json.dumps({"kind": "lora", "base_model": str(tiny_model_dir)}))
+    assert resolve_shape(str(run)) == dataclasses.replace(resolve_shape(str(tiny_model_dir)),
+                                                          name=str(tiny_model_dir))
+
+
+def fake_hub_cache(root, repo_id: str, config: dict):
+    """The layout huggingface_hub reads: models--org--name/{refs/main, snapshots/REV/config.json}."""
+    folder = root / ("models--" + repo_id.replace("/", "--"))
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(revision)
+    (folder / "snapshots" / revision).mkdir(parents=True)
+    (folder / "snapshots" / revision / "config.json").write_text(json.dumps(config))
+
+
+def test_estimate_reads_a_hub_id_from_the_local_cache(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fake_hub_cache(tmp_path / "hub", "someorg/tiny", json.loads((tiny_model_dir / "config.json").read_text()))
+    shape = resolve_shape("someorg/tiny")
+    assert parameter_counts(shape) == parameter_counts(resolve_shape(str(tiny_model_dir)))
+    assert cli_main(["estimate", "--model", "someorg/tiny", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "someorg/tiny"
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_estimate_of_an_uncached_hub_id_fails_fast_in_one_line(offline, tmp_path, monkeypatch, capsys):
+    import time
+
+    import huggingface_hub.constants
+
+    from tuneforge.models import loading
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: False)
+    started = time.perf_counter()
+    assert cli_main(["estimate", "--model", "Qwen/Qwen2.5-7B-Instruct"]) == 2
+    assert time.perf_counter() - started < 5
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: 'Qwen/Qwen2.5-7B-Instruct': its config.json is not in the local Hugging Face "
+                               "cache and the hub is unreachable")
+    assert ("HF_HUB_OFFLINE is set" in lines[0]) == offline
+
+
+def test_estimate_reports_a_missing_path_as_a_path(tmp_path, capsys):
+    missing = tmp_path / "models" / "nope"
+    assert cli_main(["estimate", "--model", str(missing)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --model: no such file or folder: {missing} (relative paths")

@@ -231,7 +231,7 @@ def test_generation_data_is_relative_to_the_config_file(tmp_path, gen_file, monk
     path.write_text(yaml.safe_dump({"data": {"train": "../train.jsonl"},
                                     "eval": {"generation_data": "../gen.jsonl", "metric": "val_gen_contains"}}))
     monkeypatch.chdir(tmp_path.parent)
-    assert load_config(path).eval.generation_data == str(tmp_path / "configs" / ".." / "gen.jsonl")
+    assert load_config(path).eval.generation_data == str(tmp_path / "gen.jsonl")
 
 
 @pytest.fixture

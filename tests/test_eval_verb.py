@@ -162,7 +162,7 @@ def test_bad_inputs_fail_before_any_model_loads(tiny_model_dir, tmp_path, monkey
              (["--metrics", "nothere.py:fn"], "nothere.py not found"),
              (["--judge", model], "--judge scores the win rate, which needs"),
              (["--judge", model, "--compare", model], "is not a reward model"),
-             (["--compare", str(tmp_path / "nowhere")], "not found"),
+             (["--compare", str(tmp_path / "nowhere")], f"no such file or folder: {tmp_path / 'nowhere'}"),
              (["--label", "a", "b"], "2 labels for 1 models")]
     for extra, message in cases:
         assert cli_main(["eval", model, "--data", good, *extra]) == 2, extra

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
 import torch
 
 from tuneforge.cli import main as cli_main
+from tuneforge.config import load_config
 from tuneforge.errors import ModelSourceError
 from tuneforge.models import loading
 
@@ -27,9 +29,44 @@ def test_offline_mode_counts_as_unreachable(monkeypatch):
     assert loading.hub_reachable() is False
 
 
-def test_missing_local_paths_are_not_taken_for_hub_ids(tmp_path):
-    with pytest.raises(ModelSourceError, match="not found"):
-        loading.resolve_model(str(tmp_path / "nothing-here"))
+@pytest.mark.parametrize("spec", ["{tmp}/nothing-here", "./nothing-here", "../nothing-here", "runs/velmora-sft",
+                                  "model.gguf", "a/b/c"])
+def test_missing_local_paths_are_not_taken_for_hub_ids(spec, tmp_path, monkeypatch, capsys):
+    """A value that looks like a path (./ ../ / ~, a .gguf suffix, an existing parent folder such as runs/) is
+    reported as a missing path, with the absolute place it was looked for, not as a hub id that cannot load."""
+    (tmp_path / "cwd" / "runs").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: False)
+    spec = spec.format(tmp=tmp_path)
+    where = (tmp_path / "cwd" / spec).resolve()
+    message = (f"model.name_or_path: no such file or folder: {where} (relative paths in a config file are relative "
+               "to that file; on the command line, to the working directory)")
+    with pytest.raises(ModelSourceError) as error:
+        loading.resolve_model(spec)
+    assert str(error.value) == message
+    assert cli_main(["generate", spec, "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_a_missing_model_path_in_a_config_is_named_relative_to_the_config(tmp_path, monkeypatch):
+    configs = tmp_path / "configs"
+    (configs / "runs").mkdir(parents=True)
+    (configs / "run.yaml").write_text("model:\n  name_or_path: runs/velmora-sft\ndata:\n  train: d.jsonl\n")
+    (tmp_path / "cwd" / "runs" / "velmora-sft").mkdir(parents=True)  # the working directory's is not the one meant
+    monkeypatch.chdir(tmp_path / "cwd")
+    config = load_config(configs / "run.yaml")
+    assert config.model.name_or_path == str(configs / "runs" / "velmora-sft")
+    with pytest.raises(ModelSourceError, match=re.escape(f"no such file or folder: {configs / 'runs' / 'velmora-sft'} "
+                                                         "(relative paths in a config file are relative to that file")):
+        loading.resolve_model(config.model.name_or_path)
+
+
+def test_hub_ids_are_still_hub_ids(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: False)
+    for spec in ("someorg/some-model", "gpt2"):
+        with pytest.raises(ModelSourceError, match=f"cannot load '{spec}' from the Hugging Face hub"):
+            loading.resolve_model(spec)
 
 
 @pytest.mark.slow
@@ -76,3 +113,32 @@ def test_lora_sft_on_the_default_model_learns_and_generates(tmp_path):
     question = [Message("user", "What is the capital of Velmora?")]
     answer = Generator.load(summary["run_dir"]).generate([question], max_new_tokens=24)[0]
     assert answer and "Velmora" in answer
+
+
+def test_a_gguf_is_imported_once_when_processes_start_together(monkeypatch, tmp_path):
+    """Two runs starting at once on the same GGUF (or the default model) do not both import it: the second
+    waits on the lock beside the target and then finds the checkpoint there (before, the slower one crashed
+    renaming its copy onto the other's: 'Directory not empty')."""
+    import threading
+    import time
+
+    calls = []
+
+    def slow_import(gguf_file, out_dir, dtype="float32"):
+        calls.append(out_dir)
+        time.sleep(0.3)
+        out_dir.mkdir(parents=True)
+        (out_dir / "config.json").write_text("{}")
+        return out_dir
+
+    monkeypatch.setattr(loading, "import_gguf", slow_import)
+    target = tmp_path / "cache" / "models" / "m"
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(loading._import_once(tmp_path / "m.gguf", target)))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [target, target]
+    assert calls == [target]

@@ -11,25 +11,21 @@ import os
 import sys
 
 from tuneforge.errors import USER_ERROR_EXIT_CODE, UserError
+from tuneforge.quiet import quiet_third_party
 
 MODEL_HELP = ("a model: 'default' (embedded SmolLM2-135M-Instruct), a Hugging Face folder, a .gguf file, a tuneforge "
               "run directory (base + adapter), or a hub id")
 
 
 def _train(args) -> int:
+    from tuneforge.api import run_training
     from tuneforge.config import load_config
-    from tuneforge.engine.distributed import shutdown_distributed
     from tuneforge.engine.signals import EXIT_CODES
-    from tuneforge.recipes import run_recipe
 
     config = load_config(args.config, args.overrides)
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
-    try:
-        summary = run_recipe(config, overwrite=args.overwrite, log=log, resume=args.resume or False, force=args.force)
-    except BaseException:
-        shutdown_distributed(clean=False)
-        raise
-    shutdown_distributed()
+    # The training path of tuneforge.train(); the bar shows when standard error is a terminal.
+    summary = run_training(config, overwrite=args.overwrite, resume=args.resume or False, force=args.force, log=log)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
         return 0
     if summary.get("run_dir") and summary.get("stop_reason") != "interrupted":
@@ -136,30 +132,87 @@ def _generate(args) -> int:
 
 
 def _chat(args) -> int:
+    """Chat with a model: line editing and history on a terminal, each answer streamed as it is generated, and
+    Ctrl-C stopping an answer without leaving (what was generated of it stays in the history)."""
+    import signal
+
     from tuneforge.data.formats import Message
+    from tuneforge.engine.signals import StopRequest
     from tuneforge.inference import Generator
 
     generator = Generator.load(args.model, template=args.template, dtype=args.dtype)
-    history = [Message("system", args.system)] if args.system else []
-    print("tuneforge chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    system = [Message("system", args.system)] if args.system else []
+    history = list(system)
+    _line_editing()
+    print("tuneforge chat: type a message; Ctrl-C stops an answer, /reset clears the history, /exit or Ctrl-D "
+          "quits.", file=sys.stderr)
     while True:
         try:
             text = input("you> ")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             print(file=sys.stderr)
             return 0
+        except KeyboardInterrupt:  # at the prompt: drop the line, as Python's own prompt does
+            print(file=sys.stderr)
+            continue
         if text.strip() in ("/exit", "/quit"):
             return 0
         if text.strip() == "/reset":
-            history = history[:1] if history and history[0].role == "system" else []
+            history = list(system)
+            print("history cleared" + (" (the system message stays)" if system else ""), file=sys.stderr)
             continue
         if not text.strip():
             continue
         history.append(Message("user", text))
-        answer = generator.generate([history], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    top_p=args.top_p)[0]
-        history.append(Message("assistant", answer or " "))
-        print(f"assistant> {answer}")
+        pieces: list[str] = []
+
+        def show(piece: str) -> None:
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+
+        print("assistant> ", end="", flush=True)
+        result = None
+        with StopRequest((signal.SIGINT,)) as stop:  # Ctrl-C ends the answer at its next token
+            try:
+                result = generator.stream(history, show, max_new_tokens=args.max_new_tokens,
+                                          temperature=args.temperature, top_p=args.top_p,
+                                          should_stop=lambda: stop.requested is not None)
+            except KeyboardInterrupt:  # a second Ctrl-C before the first was seen
+                pass
+        print()
+        if stop.requested and (result is None or not result.stopped and result.num_tokens < args.max_new_tokens):
+            print("[stopped: the partial answer stays in the history; /reset clears it]", file=sys.stderr)
+        history.append(Message("assistant", "".join(pieces) or " "))
+
+
+def _line_editing() -> None:
+    """Arrow keys, Ctrl-R and a history kept across sessions (``$TUNEFORGE_HOME/chat_history``) for ``input()``,
+    when standard input is a terminal and Python has readline."""
+    if not sys.stdin.isatty():
+        return
+    try:
+        import readline
+    except ImportError:  # Windows
+        return
+    import atexit
+
+    from tuneforge.models.loading import cache_dir
+
+    path = cache_dir() / "chat_history"
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass  # the first session, or an unreadable file: start empty
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+        except OSError:
+            pass  # a read-only home: the session still worked
+
+    atexit.register(save)
 
 
 def _import_gguf(args) -> int:
@@ -208,7 +261,7 @@ def _score(args) -> int:
             conversations.append(to_conversation(row.fields, "auto", args.data, row.number))
             rows.append((row.fields, 1))
     scorer = RewardScorer.load(args.model, max_length=args.max_length)
-    scores = scorer.score(conversations, batch_size=args.batch_size)
+    scores = scorer.score(conversations, batch_size=args.batch_size, progress="scoring")
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     position, pairs, right = 0, 0, 0
     try:
@@ -262,21 +315,32 @@ def _bench(args) -> int:
 
 
 def _estimate(args) -> int:
-    from tuneforge.models.memory import estimate, format_estimate, resolve_shape
+    from tuneforge.models.memory import (ESTIMATE_DEFAULTS, RUN_CONFIG_SUFFIXES, estimate, format_estimate,
+                                         resolve_shape, run_config_settings)
 
-    shape = resolve_shape(args.model)
-    result = estimate(shape, method=args.method, seq_len=args.seq_len, batch=args.batch, lora_r=args.lora_r,
-                      grad_checkpointing=args.grad_checkpointing, optimizer=args.optimizer,
-                      world_size=args.world_size, fsdp=args.fsdp, dtype=args.dtype,
-                      activations_gb=args.activations_gb, loss_chunk=args.loss_chunk_size, device=args.device,
-                      checkpoint_fraction=args.checkpoint_fraction)
+    spec, taken = args.model, {}
+    if spec.lower().endswith(RUN_CONFIG_SUFFIXES):  # a run config: its model, and its settings where no flag is given
+        spec, implied = run_config_settings(spec)
+        taken = {key: value for key, value in implied.items() if getattr(args, key, None) is None}
+    shape = resolve_shape(spec)
+    given = {key: getattr(args, key) for key in ESTIMATE_DEFAULTS if getattr(args, key) is not None}
+    s = {**ESTIMATE_DEFAULTS, **taken, **given}  # flags, then the run config, then the defaults
+    result = estimate(shape, method=s["method"], seq_len=s["seq_len"], batch=s["batch"], lora_r=s["lora_r"],
+                      grad_checkpointing=s["grad_checkpointing"], optimizer=s["optimizer"],
+                      world_size=args.world_size, fsdp=args.fsdp, dtype=s["dtype"],
+                      activations_gb=args.activations_gb, loss_chunk=s["loss_chunk_size"], device=args.device,
+                      checkpoint_fraction=s["checkpoint_fraction"], lora_dropout=s.get("lora_dropout", True))
     if args.json:
-        print(json.dumps({"model": shape.name, "method": args.method, **result.as_dict()}))
+        print(json.dumps({"model": shape.name, "method": s["method"], **result.as_dict(),
+                          **({"from_config": {"config": args.model, **taken}} if taken else {})}))
     else:
+        if taken:
+            values = ", ".join(f"{key.replace('_', '-')} {value}" for key, value in taken.items())
+            print(f"from {args.model} (model {spec}): {values}; flags override these")
         strategy = f"FSDP x{args.world_size}" if args.fsdp else f"DDP x{args.world_size}" if args.world_size > 1 \
             else "1 process"
-        print(format_estimate(shape, result, f"{shape.name}, {args.method}, {args.dtype}, {args.optimizer}, "
-                                             f"seq {args.seq_len} x batch {args.batch}, {strategy}, {args.device}"))
+        print(format_estimate(shape, result, f"{shape.name}, {s['method']}, {s['dtype']}, {s['optimizer']}, "
+                                             f"seq {s['seq_len']} x batch {s['batch']}, {strategy}, {args.device}"))
     return 0
 
 
@@ -307,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     plot = verbs.add_parser("plot", help="draw the training curves of one or more runs on one figure")
     plot.add_argument("run_dirs", nargs="+", help="run directories (each with metrics.jsonl)")
-    plot.add_argument("--out", default="curves.png", help="output PNG (default curves.png)")
+    plot.add_argument("--out", default="curves.png",
+                      help="output image; the suffix picks the format: .png, .svg, .pdf ... (default curves.png)")
     plot.set_defaults(func=_plot)
 
     data = verbs.add_parser("data", help="inspect training data").add_subparsers(dest="data_verb", metavar="VERB")
@@ -454,30 +519,40 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
 
     est = verbs.add_parser("estimate", help="memory breakdown of a training run, from the model config only",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
                            description="Weights, gradients, optimiser states, activations, logits and adapters "
-                                       "from the model's config.json; nothing is downloaded or allocated. "
-                                       "Formulas: docs/memory.md.")
-    est.add_argument("--model", default="default",
-                     help="a config.json, a Hugging Face model folder, 'default' (SmolLM2-135M) or a built-in "
-                          "name (llama-7b, llama-2-13b, llama-3-8b, mistral-7b, smollm2-135m, smollm2-360m)")
-    est.add_argument("--method", default="lora", choices=["full", "lora", "qlora"])
-    est.add_argument("--seq-len", type=int, default=512)
-    est.add_argument("--batch", type=int, default=1, help="micro-batch size per process")
-    est.add_argument("--lora-r", type=int, default=16)
-    est.add_argument("--grad-checkpointing", action="store_true")
-    est.add_argument("--checkpoint-fraction", type=float, default=1.0,
-                     help="train.checkpoint_fraction: with --grad-checkpointing, the share of layers recomputed")
-    est.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "sgd"])
+                                       "from the model's config.json; no weight is downloaded or allocated. "
+                                       "Formulas: docs/memory.md.",
+                           epilog="With --model RUN.yaml (a run config, as tuneforge train takes it), the run's "
+                                  "model, method (lora.enabled,\nmodel.load_in), seq length (data.max_length), batch "
+                                  "(train.batch_size), lora.r, gradient checkpointing,\ndtype, optimizer and loss "
+                                  "chunk are used where no flag is given; the values taken are printed.\nPaths "
+                                  "written in a config file are relative to that file; paths on the command line, to "
+                                  "the working\ndirectory.")
+    est.add_argument("--model", default="default", metavar="MODEL_OR_CONFIG",
+                     help="a run config (.yaml), a config.json, a Hugging Face model folder, a tuneforge run "
+                          "directory, a hub id (its config.json from the local Hugging Face cache), 'default' "
+                          "(SmolLM2-135M) or a built-in name (llama-7b, llama-2-13b, llama-3-8b, mistral-7b, "
+                          "smollm2-135m, smollm2-360m)")
+    est.add_argument("--method", choices=["full", "lora", "qlora"], help="default lora")
+    est.add_argument("--seq-len", type=int, help="default 512")
+    est.add_argument("--batch", type=int, help="micro-batch size per process (default 1)")
+    est.add_argument("--lora-r", type=int, help="default 16")
+    est.add_argument("--grad-checkpointing", action="store_true", default=None)
+    est.add_argument("--checkpoint-fraction", type=float,
+                     help="train.checkpoint_fraction: with --grad-checkpointing, the share of layers recomputed "
+                          "(default 1.0)")
+    est.add_argument("--optimizer", choices=["adamw", "adamw8bit", "sgd"], help="default adamw")
     est.add_argument("--world-size", type=int, default=1)
     est.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimiser states")
-    est.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                     help="weights and activations; for qlora the compute dtype (activations)")
+    est.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                     help="weights and activations; for qlora the compute dtype (activations); default float32")
     est.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                      help="cuda (default): live tensors, as max_memory_allocated counts them; cpu: the process's "
                           "peak resident memory (adds the Python process, glibc heap retention and, for qlora, "
                           "the mapped float checkpoint)")
     est.add_argument("--activations-gb", type=float, help="use this activation figure instead of the formula")
-    est.add_argument("--loss-chunk-size", type=int, default=256, help="train.loss_chunk_size (default 256)")
+    est.add_argument("--loss-chunk-size", type=int, help="train.loss_chunk_size (default 256)")
     est.add_argument("--json", action="store_true", help="print one JSON object (bytes) instead of a table")
     est.set_defaults(func=_estimate)
     return parser
@@ -499,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    quiet_third_party()
     try:
         return args.func(args)
     except UserError as error:

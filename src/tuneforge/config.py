@@ -20,12 +20,11 @@ from typing import Any, Literal, Optional, get_args, get_origin
 
 import yaml
 
+from tuneforge.data.memory import InMemoryRows, recorded
 from tuneforge.errors import ConfigError
-
-DEFAULT_MODEL = "default"  # the embedded SmolLM2-135M-Instruct, imported from its GGUF file once
-# Names data.template accepts besides the path of a Jinja file (tuneforge.data.templates implements them).
-TEMPLATE_NAMES = ("auto", "tokenizer", "alpaca", "chatml", "simple")
-TEMPLATE_SUFFIXES = (".jinja", ".j2", ".jinja2")
+# Where paths in a config are resolved (relative to the config file, or to the working directory for overrides).
+from tuneforge.paths import (DEFAULT_MODEL, RUN_CONFIG_PATHS, TEMPLATE_NAMES, TEMPLATE_SUFFIXES,  # noqa: F401
+                             is_template_path, overridden_keys, resolve_paths)
 
 
 @dataclass
@@ -62,8 +61,9 @@ class DataConfig:
     """Where the rows come from and how they become token ids and labels.
 
     Attributes:
-        train: path of the training file (JSONL, JSON, CSV, Parquet, or a folder saved by ``datasets``).
-        validation: optional separate validation file.
+        train: path of the training file (JSONL, JSON, CSV, Parquet, or a folder saved by ``datasets``); from
+            Python (``tuneforge.train``) also a list of dicts or a ``datasets.Dataset``.
+        validation: optional separate validation file (or, from Python, rows as for ``train``).
         val_fraction: fraction of the training rows held out for validation when ``validation`` is unset.
         format: row format; ``auto`` detects it from the row's keys.
         template: ``auto`` (the tokenizer's chat template if it has one, else ``chatml``), ``tokenizer``,
@@ -132,7 +132,8 @@ class TrainConfig:
     """The optimisation loop.
 
     Attributes:
-        output_dir: run directory; an existing one is refused unless ``--overwrite`` is given.
+        output_dir: run directory; an existing one is refused unless ``--overwrite`` (from Python ``overwrite=True``) is
+            given.
         epochs: passes over the training data (ignored when ``max_steps`` is set).
         max_steps: stop after this many optimiser steps.
         batch_size: rows (or packs) per micro-batch.
@@ -522,7 +523,12 @@ class RunConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain values (what config.yaml holds); rows given in memory become their placeholder
+        (``tuneforge.data.memory``)."""
+        values = dataclasses.asdict(self)
+        for section, key in (("data", "train"), ("data", "validation"), ("eval", "generation_data")):
+            values[section][key] = recorded(values[section][key])
+        return values
 
     @property
     def rollout(self) -> RolloutConfig:
@@ -618,7 +624,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return number
     if annotation is str:
-        if isinstance(value, str):
+        # Rows in memory stand where a data file's path does; only the Python API makes them (YAML cannot).
+        if isinstance(value, (str, InMemoryRows)):
             return value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     if annotation is list or origin is list:
@@ -757,14 +764,10 @@ def _check_online(config: RunConfig) -> None:
                           "runs with ddp only for now; set distributed.strategy=ddp")
 
 
-def _is_template_path(spec: str) -> bool:
-    return Path(spec).suffix in TEMPLATE_SUFFIXES or "/" in spec or "\\" in spec or Path(spec).is_file()
-
-
 def _check_template(spec: str) -> None:
     if spec in TEMPLATE_NAMES:
         return
-    if _is_template_path(spec):
+    if is_template_path(spec):
         if not Path(spec).is_file():
             raise ConfigError(f"data.template: template file {spec} does not exist")
         return
@@ -834,30 +837,20 @@ def read_yaml_mapping(path: Path, what: str, shape: str) -> dict:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML file (or start from defaults when ``path`` is None), apply overrides, validate."""
+    """Read a YAML file (or start from defaults when ``path`` is None), apply overrides, validate.
+
+    Paths written in the file are relative to the file's folder, paths in ``overrides`` to the working directory;
+    both come out absolute (``tuneforge.paths``). Hub ids and template names stay as written.
+    """
     values: dict = {}
     if path is not None:
         path = Path(path)
         values = read_yaml_mapping(path, "config file", "the config must be a mapping of sections")
-        # Relative data and template paths are relative to the config file, so configs work from any directory.
-        data = values.get("data")
-        if isinstance(data, dict):
-            for key in ("train", "validation", "template"):
-                value = data.get(key)
-                if key == "template" and isinstance(value, str) and (value in TEMPLATE_NAMES or not (
-                        Path(value).suffix in TEMPLATE_SUFFIXES or (path.parent / value).is_file())):
-                    continue  # a template name (checked later), not a file
-                if isinstance(value, str) and not Path(value).is_absolute():
-                    candidate = path.parent / data[key]
-                    if candidate.exists() or not Path(data[key]).exists():
-                        data[key] = str(candidate)
-        evaluation = values.get("eval")
-        generation = evaluation.get("generation_data") if isinstance(evaluation, dict) else None
-        if isinstance(generation, str) and not Path(generation).is_absolute():
-            candidate = path.parent / generation  # as the data paths above
-            if candidate.exists() or not Path(generation).exists():
-                evaluation["generation_data"] = str(candidate)
-    values = apply_overrides(values, overrides or [])
+        values = resolve_paths(values, path.parent, RUN_CONFIG_PATHS)
+    overrides = overrides or []
+    values = apply_overrides(values, overrides)
+    changed = overridden_keys(RUN_CONFIG_PATHS, [".".join(parse_override(text)[0]) for text in overrides])
+    values = resolve_paths(values, Path.cwd(), RUN_CONFIG_PATHS, only=changed)
     return config_from_dict(values)
 
 

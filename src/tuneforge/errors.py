@@ -5,7 +5,37 @@ Anything else that escapes is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 USER_ERROR_EXIT_CODE = 2
+
+# How a message names an option of `tuneforge train`: as the front end in use spells it. Messages are written once,
+# with option("overwrite") where the flag goes; the Python API runs under python_api() and reads its own words.
+_OPTION_WORDS = {
+    "cli": {"overwrite": "--overwrite", "resume": "--resume", "force": "--force",
+            "resume_command": "tuneforge train CONFIG --resume"},
+    "api": {"overwrite": "overwrite=True", "resume": "resume=True", "force": "force=True",
+            "resume_command": "tuneforge.train(...) again with the same arguments and resume=True"},
+}
+_FRONT_END: contextvars.ContextVar[str] = contextvars.ContextVar("tuneforge_front_end", default="cli")
+
+
+def option(name: str) -> str:
+    """``--overwrite`` on the command line, ``overwrite=True`` inside :func:`python_api` (likewise ``resume``,
+    ``force``, and ``resume_command``: how to continue a stopped run)."""
+    return _OPTION_WORDS[_FRONT_END.get()][name]
+
+
+@contextlib.contextmanager
+def python_api() -> Iterator[None]:
+    """Messages raised or logged inside name options in the Python API's words."""
+    token = _FRONT_END.set("api")
+    try:
+        yield
+    finally:
+        _FRONT_END.reset(token)
 
 
 class UserError(Exception):

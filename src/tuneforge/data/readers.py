@@ -1,7 +1,8 @@
 """Read a data file into numbered rows (plain dicts), whatever its on-disk format.
 
 Row numbers are what a user sees in an editor: the line number for JSONL, the 1-based record number for JSON,
-CSV (header excluded), Parquet and ``datasets`` folders.
+CSV (header excluded), Parquet and ``datasets`` folders. Rows given in memory (:class:`InMemoryRows`, from the
+Python API) are numbered by their 0-based index, the number a Python user looks them up by.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuneforge.data.memory import InMemoryRows, is_placeholder
 from tuneforge.errors import DataError, UserError
 
 SUPPORTED = ".jsonl, .json, .csv, .parquet, or a folder saved by datasets.save_to_disk"
@@ -33,9 +35,17 @@ class BadRow:
     error: DataError
 
 
-def read_rows(path: str | Path) -> list[Row | BadRow]:
-    """Read every record of ``path``. Malformed records come back as :class:`BadRow`, so lenient mode can
-    count them; a file that cannot be read at all raises :class:`UserError`."""
+def read_rows(path: str | Path | InMemoryRows) -> list[Row | BadRow]:
+    """Read every record of ``path`` (or of rows in memory). Malformed records come back as :class:`BadRow`, so
+    lenient mode can count them; a file that cannot be read at all raises :class:`UserError`."""
+    if isinstance(path, InMemoryRows):
+        return [Row(number, value) if isinstance(value, dict) else
+                BadRow(DataError(path.source, number, None, f"expected a dict, got {type(value).__name__}",
+                                 "not_an_object"))
+                for number, value in enumerate(path.rows)]
+    if is_placeholder(str(path)):
+        raise UserError(f"{path}: these were rows in memory when the run was made, and a config file cannot hold "
+                        "them; pass the same rows again from Python: tuneforge.train(..., data=rows)")
     path = Path(path)
     if not path.exists():
         raise UserError(f"data file {path} does not exist")

@@ -3,7 +3,9 @@
 Loss masks come from these segments: each segment is tokenised on its own and its tokens inherit its flag,
 so a mask never depends on searching the rendered text for a marker. What is trained for an assistant turn is
 its content plus the end-of-turn token that closes it (so the model learns to stop); the header before it and
-any separator after the end-of-turn token are not.
+any separator after the end-of-turn token are not. Adjacent untrained pieces are one segment (:func:`joined`),
+so untrained text tokenises as it does in a whole rendering; :meth:`Template.chat_template` writes a template
+as a Hugging Face chat template, which merge and export give the models they write.
 
 Templates:
 - ``alpaca``: the original Stanford Alpaca prompt, with and without ``### Input:``.
@@ -14,6 +16,7 @@ Templates:
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +38,26 @@ class Segment:
     response: int = -1
 
 
+def joined(segments: list[Segment]) -> list[Segment]:
+    """``segments`` without empty ones, each run of adjacent untrained segments joined into one.
+
+    Untrained text is then tokenised the way a chat template's whole rendering is (by transformers, vLLM,
+    llama.cpp): tokenised apart, alpaca's ``"...\\n\\n"`` + ``"### Instruction"`` gives ``ĊĊ ###``, ids that no
+    tokenisation of the joined text produces (``Ċ Ċ ###``), so a served model could never be prompted with them.
+    """
+    out: list[Segment] = []
+    for segment in segments:
+        if not segment.text:
+            continue
+        if out and not segment.trained and not out[-1].trained:
+            out[-1] = Segment(out[-1].text + segment.text, False)
+        else:
+            out.append(segment)
+    return out
+
+
 class Template:
-    """Base class: subclasses implement :meth:`segments`."""
+    """Base class: subclasses implement :meth:`segments` and :meth:`chat_template`."""
 
     name: str = ""
 
@@ -54,6 +75,15 @@ class Template:
 
     def to_dict(self) -> dict:
         return {"name": self.name}
+
+    def chat_template(self) -> str:
+        """A Hugging Face chat template (Jinja source) rendering exactly the text of :meth:`segments`, for the
+        tokenizer of a merged or exported model; it renders the dicts of :meth:`chat_messages`."""
+        raise NotImplementedError
+
+    def chat_messages(self, messages: list[Message]) -> list[dict]:
+        """``messages`` as the ``{"role", "content"}`` dicts that :meth:`chat_template` renders."""
+        return [{"role": m.role, "content": m.full_content()} for m in messages]
 
 
 class FormatTemplate(Template):
@@ -117,17 +147,81 @@ class FormatTemplate(Template):
                 raise TemplateError(f"template {self.name}: a system message may only come first")
         if add_generation_prompt:
             out.append(Segment(self.assistant_header, False))
-        return [s for s in out if s.text]
+        return joined(out)
 
     def stop_strings(self) -> list[str]:
         end = self.assistant_end.format(eos=self.eos)
         return [end] if end else []
+
+    def chat_messages(self, messages: list[Message]) -> list[dict]:
+        """Alpaca's ``input`` (``Message.context``) stays a key of its own, so the chat template can give it its
+        ``### Input:`` section as training did."""
+        return [{"role": m.role, "content": m.content, **({"input": m.context} if m.context else {})}
+                for m in messages]
+
+    def chat_template(self) -> str:
+        """:meth:`segments` in Jinja, statement for statement, with this tokenizer's BOS and EOS written out."""
+        has_input = "message['input'] is defined and message['input']"
+        user = _jinja_format(self.user, content="message['content']")
+        if self.user_with_context is not None:
+            with_input = _jinja_format(self.user_with_context, content="message['content']", context="message['input']")
+            user = f"({with_input}) if {has_input} else ({user})"
+        else:  # Message.full_content: the input after the content
+            user = _jinja_format(self.user, content=f"message['content'] + ('\\n\\n' + message['input'] if {has_input} "
+                                                    "else '')")
+        default_system = _jinja_string(self.default_system)
+        if self.name == "alpaca":
+            # The preamble depends on whether the first instruction has an input (as in segments()).
+            default_system = (f"{_jinja_string(ALPACA_PREAMBLE_INPUT)} if users and users[0]['input'] is defined "
+                              f"and users[0]['input'] else {_jinja_string(ALPACA_PREAMBLE)}")
+        assistant = (f"{_jinja_string(self.assistant_header + self.response_prefix)} + message['content'] + "
+                     f"{_jinja_string(self.assistant_end.format(eos=self.eos) + self.separator)}")
+        lines = [
+            f"{{#- tuneforge template {self.name}: the rendering this model was trained on -#}}",
+            "{%- set users = messages | selectattr('role', 'equalto', 'user') | list %}" if self.name == "alpaca"
+            else "",
+            "{%- if messages and messages[0]['role'] == 'system' %}",
+            "{%- set system_text = messages[0]['content'] %}{%- set rest = messages[1:] %}",
+            "{%- else %}",
+            f"{{%- set system_text = {default_system} %}}{{%- set rest = messages %}}",
+            "{%- endif %}",
+            f"{{{{- {_jinja_string(self.bos)} }}}}" if self.bos else "",
+            f"{{%- if system_text %}}{{{{- {_jinja_format(self.system, content='system_text')} }}}}{{%- endif %}}",
+            "{%- for message in rest %}",
+            f"{{%- if message['role'] == 'user' %}}{{{{- {user} }}}}",
+            f"{{%- elif message['role'] == 'assistant' %}}{{{{- {assistant} }}}}",
+            f"{{%- else %}}{{{{- raise_exception('template {self.name}: a system message may only come first') }}}}",
+            "{%- endif %}",
+            "{%- endfor %}",
+            f"{{%- if add_generation_prompt %}}{{{{- {_jinja_string(self.assistant_header)} }}}}{{%- endif %}}",
+        ]
+        return "\n".join(line for line in lines if line)
 
 
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.")
 ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
                          "further context. Write a response that appropriately completes the request.")
+
+
+JINJA_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _jinja_string(text: str) -> str:
+    """``text`` as a Jinja string literal (Jinja reads Python's escapes)."""
+    return "'" + "".join(JINJA_ESCAPES.get(char, char) for char in text) + "'"
+
+
+def _jinja_format(pattern: str, **fields: str) -> str:
+    """A Jinja expression for ``pattern.format(...)``: its literal pieces as strings, each ``{field}`` as the
+    Jinja expression ``fields[field]``, joined with ``+``."""
+    parts = []
+    for literal, field, _, _ in string.Formatter().parse(pattern):
+        if literal:
+            parts.append(_jinja_string(literal))
+        if field is not None:
+            parts.append(f"({fields[field]})")
+    return " + ".join(parts) or "''"
 
 
 def _alpaca() -> FormatTemplate:
@@ -167,9 +261,9 @@ class JinjaTemplate(Template):
         self.end_markers = [t for t in END_OF_TURN_TOKENS if t in self.jinja or t == tokenizer.eos_token]
 
     def _render(self, messages: list[Message], add_generation_prompt: bool) -> str:
-        dicts = [{"role": m.role, "content": m.full_content()} for m in messages]
         try:
-            return self.tokenizer.apply_chat_template(dicts, chat_template=self.jinja, tokenize=False,
+            return self.tokenizer.apply_chat_template(self.chat_messages(messages), chat_template=self.jinja,
+                                                      tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)
         except Exception as exc:  # jinja raises its own exception types, e.g. for non-alternating roles
             raise TemplateError(f"chat template {self.name} failed to render a conversation: {exc}") from None
@@ -216,13 +310,16 @@ class JinjaTemplate(Template):
             if not final.startswith(previous):
                 raise self._unstable("generation prompt")
             out.append(Segment(final[len(previous):], False))
-        return [s for s in out if s.text]
+        return joined(out)
 
     def stop_strings(self) -> list[str]:
         return list(self.end_markers)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "jinja": self.jinja}
+
+    def chat_template(self) -> str:
+        return self.jinja
 
 
 def load_template(spec: str, tokenizer) -> Template:

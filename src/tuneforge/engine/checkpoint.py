@@ -9,9 +9,17 @@ A checkpoint is a folder ``RUN_DIR/checkpoints/step-NNNNNNNN`` holding:
     config.yaml           the resolved config of the run
     COMPLETE              written last
 
-Files are written into a hidden staging folder, flushed to disk, marked complete, then renamed into place: a
-checkpoint either exists whole or not at all, and a crash (or a full disk) while saving leaves the previous
-checkpoints untouched. Old checkpoints are removed only after the new one is complete.
+Files are written into a hidden staging folder ``.staging-step-N``, flushed to disk, marked complete, then renamed
+into place. A checkpoint is complete when it holds every file above (:data:`REQUIRED_FILES`); at every instant a
+``step-N`` folder is complete or absent, whatever kills the process:
+
+- deleting (pruning) renames the folder out of view (``.deleting-step-N...``) first, then removes the files;
+- replacing (saving a step that has a checkpoint, as resuming a finished run does) renames the old folder out of
+  view, then the complete staging folder in. A crash between the two renames leaves ``step-N`` absent and a
+  complete ``.staging-step-N``, which :func:`recover_checkpoints` renames into place on resume;
+- a crash (or a full disk) while writing leaves an incomplete staging folder, never chosen and removed on resume.
+
+Old checkpoints are removed only after the new one is complete.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import json
 import os
 import random
 import shutil
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,12 +38,17 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from tuneforge.config import RunConfig, config_from_dict, save_config
-from tuneforge.engine.distributed import full_state
-from tuneforge.errors import UserError
+from tuneforge.engine.distributed import barrier, full_state
+from tuneforge.errors import UserError, option
+from tuneforge.paths import RUN_CONFIG_PATHS, absolute
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 PREFIX = "step-"
+STAGING = ".staging-"
+# Folders renamed out of view to be deleted; no checkpoint listing ever picks them, resume removes leftovers.
+DELETING = ".deleting-"
+REQUIRED_FILES = ("weights.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.yaml", COMPLETE)
 
 # Config keys that change what a run trains: resuming with any of them changed is refused unless forced.
 RESUME_KEYS = ("method", "model.name_or_path", "model.dtype", "data.train", "data.validation", "data.val_fraction",
@@ -85,9 +99,38 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 
 def _fsync_tree(path: Path) -> None:
+    """Flush the files of ``path`` and the folder itself (its entries) to disk."""
     for item in path.iterdir():
         with open(item, "rb") as handle:
             os.fsync(handle.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename or a new file in it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def missing_files(path: Path) -> list[str]:
+    """The files of :data:`REQUIRED_FILES` that ``path`` lacks (all of them when it does not exist)."""
+    return [name for name in REQUIRED_FILES if not (Path(path) / name).is_file()]
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename ``path`` out of view, to a unique ``.deleting-`` name in the same folder; returns the new name.
+    One rename is atomic: the folder is visible whole, or not at all."""
+    target = path.with_name(f"{DELETING}{path.name}.{uuid.uuid4().hex[:8]}")
+    path.rename(target)
+    return target
+
+
+def _delete(path: Path) -> None:
+    """Remove a folder already out of view (a leftover staging or ``.deleting-`` folder)."""
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def save_checkpoint(run_dir: Path, state: TrainState, model: torch.nn.Module, optimizer, scheduler,
@@ -98,9 +141,10 @@ def save_checkpoint(run_dir: Path, state: TrainState, model: torch.nn.Module, op
     ``weights`` and ``optimizer_state`` supply full (gathered) states when the model is sharded across ranks.
     """
     final = checkpoint_dir(run_dir, state.step)
-    staging = final.parent / f".staging-{final.name}"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = final.parent / f"{STAGING}{final.name}"
+    _delete(staging)
     staging.mkdir(parents=True)
+    aside = None  # the previous checkpoint of this step, once renamed out of view
     try:
         save_file(weights if weights is not None else full_state(model), str(staging / "weights.safetensors"))
         optimizer_state = optimizer_state if optimizer_state is not None else optimizer.state_dict()
@@ -112,28 +156,71 @@ def save_checkpoint(run_dir: Path, state: TrainState, model: torch.nn.Module, op
         save_config(config, staging / "config.yaml")
         _fsync_tree(staging)
         (staging / COMPLETE).write_text(str(state.step))
+        _fsync_tree(staging)
         if final.exists():
-            shutil.rmtree(final)
+            # Replacing: out of view in one rename (never rmtree in place, which leaves a folder with COMPLETE but
+            # without state.json), then the new one in with another.
+            aside = _set_aside(final)
         staging.rename(final)
+        _fsync_dir(final.parent)
     except BaseException:
-        # A failed save (disk full, interrupt) must not leave a folder that could pass for a checkpoint.
-        shutil.rmtree(staging, ignore_errors=True)
+        # A failed save (disk full, interrupt) changes nothing: the previous checkpoint of this step goes back in
+        # place, and no folder is left that could pass for a checkpoint.
+        if aside is not None and not final.exists():
+            try:
+                aside.rename(final)
+                aside = None
+            except OSError:
+                pass  # left for recover_checkpoints, with the complete staging folder
+        if final.exists() or aside is None:
+            _delete(staging)
+        if aside is not None and final.exists():
+            _delete(aside)
         raise
+    if aside is not None:
+        _delete(aside)
     return final
 
 
 def list_checkpoints(run_dir: Path) -> tuple[list[Path], list[Path]]:
-    """(complete checkpoints by step, incomplete folders) of ``run_dir``."""
+    """(complete checkpoints by step, incomplete folders) of ``run_dir``: a ``step-N`` folder is complete when it
+    holds every file of :data:`REQUIRED_FILES`; staging folders are incomplete; ``.deleting-`` and
+    ``superseded-`` folders are neither."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return [], []
     complete, partial = [], []
     for path in sorted(root.iterdir()):
         if path.name.startswith(PREFIX):
-            (complete if (path / COMPLETE).is_file() else partial).append(path)
-        elif path.name.startswith(".staging-"):
+            (partial if missing_files(path) else complete).append(path)
+        elif path.name.startswith(STAGING):
             partial.append(path)
     return complete, partial
+
+
+def recover_checkpoints(run_dir: Path, log=print) -> None:
+    """Tidy what a killed run left in ``run_dir``'s checkpoints (rank 0, holding the run's lock, before resume):
+    a complete ``.staging-step-N`` whose ``step-N`` is absent or incomplete (the run died while replacing it) is
+    renamed into place; other staging folders and ``.deleting-`` leftovers are removed."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(DELETING):
+            _delete(path)
+    for staging in sorted(root.glob(f"{STAGING}{PREFIX}*")):
+        final = root / staging.name[len(STAGING):]
+        missing = missing_files(staging)
+        if not missing and missing_files(final):
+            if final.exists():
+                _delete(_set_aside(final))
+            staging.rename(final)
+            log(f"recovered checkpoint {final} from {staging.name}: a run stopped while replacing it")
+            continue
+        _delete(staging)
+        if missing:
+            log(f"ignoring incomplete checkpoint {staging} (missing {', '.join(missing)}): it was being written when "
+                "a run stopped; removed it")
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, best_step: int | None) -> None:
@@ -144,7 +231,11 @@ def prune_checkpoints(run_dir: Path, keep_last: int, best_step: int | None) -> N
         keep.add(checkpoint_dir(run_dir, best_step))
     for path in complete:
         if path not in keep:
-            shutil.rmtree(path, ignore_errors=True)
+            try:
+                aside = _set_aside(path)
+            except OSError:
+                continue  # still whole; a later prune tries again
+            _delete(aside)
 
 
 def set_aside_later_checkpoints(run_dir: Path, step: int) -> list[Path]:
@@ -153,7 +244,8 @@ def set_aside_later_checkpoints(run_dir: Path, step: int) -> list[Path]:
     for path in list_checkpoints(run_dir)[0]:
         if int(path.name[len(PREFIX):]) > step:
             target = path.with_name(f"superseded-{path.name}")
-            shutil.rmtree(target, ignore_errors=True)
+            if target.exists():
+                _delete(_set_aside(target))
             path.rename(target)
             moved.append(target)
     return moved
@@ -169,21 +261,48 @@ def find_resume_checkpoint(run_dir: Path, explicit: str | None, log=print) -> Pa
         path = Path(explicit)
         if not path.is_dir():
             raise UserError(f"checkpoint {path} does not exist")
-        if not any((path / name).exists() for name in (COMPLETE, "state.json", "weights.safetensors")):
+        # config.yaml is no sign: a run directory has one too.
+        if not any((path / name).exists() for name in REQUIRED_FILES if name != "config.yaml"):
             raise UserError(f"{path} is not a checkpoint (those are folders like RUN_DIR/{CHECKPOINTS}/"
                             f"{PREFIX}00000100); to continue from the newest checkpoint of train.output_dir, pass "
-                            "--resume alone")
-        if not (path / COMPLETE).is_file():
-            raise UserError(f"checkpoint {path} is incomplete (no {COMPLETE} marker): it was being written when the "
-                            "run stopped; resume from an earlier one")
+                            f"{option('resume')} alone")
+        missing = missing_files(path)
+        if missing:
+            raise UserError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}): it was being written "
+                            f"or deleted when a run stopped; resume from an earlier one, or pass {option('resume')} "
+                            "alone for the newest complete one")
         return path
     complete, partial = list_checkpoints(run_dir)
     for path in partial:
-        log(f"ignoring incomplete checkpoint {path}")
+        log(f"ignoring incomplete checkpoint {path} (missing {', '.join(missing_files(path))})")
     if not complete:
         extra = f" ({len(partial)} incomplete one(s) ignored)" if partial else ""
         raise UserError(f"no complete checkpoint in {Path(run_dir) / CHECKPOINTS}{extra}; nothing to resume")
     return complete[-1]
+
+
+def choose_resume_checkpoint(run_dir: Path, resume: bool | str, config: RunConfig, dist, force: bool, log=print,
+                             recover: bool = True) -> Path:
+    """The checkpoint a resumed run starts from (``resume``: True for the newest of ``run_dir``, or a path),
+    checked against ``config`` and the number of processes. With ``recover`` (the run holds ``run_dir``'s lock),
+    rank 0 first tidies what a killed run left there (:func:`recover_checkpoints`), then every rank chooses."""
+    explicit = resume if isinstance(resume, str) else None
+    own = explicit is None or Path(explicit).parent.resolve() == (Path(run_dir) / CHECKPOINTS).resolve()
+    if recover and own and dist.is_main:
+        recover_checkpoints(run_dir, log)
+    if torch.distributed.is_initialized():  # (a world faked in a test has no process group to wait on)
+        barrier(dist)
+    path = find_resume_checkpoint(run_dir, explicit, log)
+    differences = config_differences(read_checkpoint_config(path), config)
+    if differences and not force:
+        raise UserError(f"the config differs from the one of {path} in what is trained: " + "; ".join(differences)
+                        + f". Resume with the same config, or pass {option('force')}")
+    saved_world = read_checkpoint_state(path).world_size
+    if saved_world != dist.world_size and not force:
+        raise UserError(f"{path} was trained with {saved_world} process(es) and this run has {dist.world_size}: the "
+                        "global batch would change. Resume with the same number of processes, or pass "
+                        f"{option('force')}")
+    return path
 
 
 def flat_keys(values: dict, prefix: str = "") -> dict:
@@ -200,7 +319,15 @@ def flat_keys(values: dict, prefix: str = "") -> dict:
 def config_differences(saved: RunConfig, current: RunConfig) -> list[str]:
     """Keys of :data:`RESUME_KEYS` whose values differ, as ``key: saved -> current``."""
     old, new = flat_keys(saved.to_dict()), flat_keys(current.to_dict())
-    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in RESUME_KEYS if old.get(key) != new.get(key)]
+
+    def same(key: str) -> bool:
+        a, b = old.get(key), new.get(key)
+        if key in RUN_CONFIG_PATHS and isinstance(a, str) and isinstance(b, str):
+            # A run saved before config paths were made absolute holds them relative to the working directory.
+            return absolute(a, Path.cwd()) == absolute(b, Path.cwd())
+        return a == b
+
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in RESUME_KEYS if not same(key)]
 
 
 def read_checkpoint_config(path: Path) -> RunConfig:

@@ -10,6 +10,12 @@ from pathlib import Path
 from tuneforge.errors import UserError
 
 
+def is_log_step(step: int, log_every: int, total_steps: int) -> bool:
+    """Whether training step ``step`` (counted from 1) is logged: the first (so a run shows it has started), every
+    ``log_every``-th and the last. Loops read the step's numbers back from the device only at these steps."""
+    return step == 1 or step % log_every == 0 or step >= total_steps
+
+
 class MetricsLog:
     """Appends records to ``metrics.jsonl`` and forwards them to the configured loggers.
 
@@ -31,10 +37,16 @@ class MetricsLog:
         if show_progress is None:
             show_progress = sys.stderr.isatty()
         if show_progress:
-            from tqdm import tqdm
+            from tqdm.auto import tqdm  # a widget in a notebook, a text bar on a terminal
 
             self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
-        self.sinks = [_open_logger(name, run_dir, project, config or {}) for name in loggers]
+        self.sinks = []
+        try:
+            for name in loggers:
+                self.sinks.append(_open_logger(name, run_dir, project, config or {}))
+        except BaseException:
+            self.close()  # the loggers already started (a wandb run) and the bar end with the failed start
+            raise
         # Kinds of record (their key sets) already on file for the step a resumed run starts from.
         self._resumed_step: int | None = None
         self._logged_at_resume: set[frozenset] = set()
@@ -71,9 +83,12 @@ class MetricsLog:
             elif self.echo is not None:
                 self.echo(f"step {record['step']}/{self.total_steps} loss {record['loss']:.4f} "
                           f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s")
-        elif self.echo is not None and self.bar is None:
+        else:  # an evaluation: always shown, above the bar on a terminal
             shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
-            self.echo(f"step {record['step']}: {shown}")
+            if self.bar is not None:
+                self.bar.write(f"step {record['step']}: {shown}", file=sys.stderr)
+            elif self.echo is not None:
+                self.echo(f"step {record['step']}: {shown}")
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
@@ -125,6 +140,12 @@ def _open_logger(name: str, run_dir: Path | None, project: str, config: dict):
             return log
     except ImportError:
         raise UserError(f"log.loggers: {name} is not installed; pip install 'tuneforge[{name}]'") from None
+    except UserError:
+        raise
+    except Exception as error:
+        # A logger that cannot start (credentials, server, permissions) is the user's setup, not a tuneforge bug.
+        detail = (str(error).strip().splitlines() or [""])[0]
+        raise UserError(f"log.loggers: {name} failed to start: {type(error).__name__}: {detail}") from error
     raise UserError(f"log.loggers: unknown logger {name!r}")
 
 

@@ -2,13 +2,17 @@
 step (:func:`plot_runs`), and every other logged metric, such as the reward accuracy of a preference run or the
 reward and KL of a GRPO run (:func:`plot_metrics`).
 
-Figures are saved as PNG with ``Software: tuneforge`` in their metadata, so that tools which write beside a
-user's files (``tuneforge report``) can tell their own earlier output from a user's file.
+The format follows the output file's suffix (PNG, SVG, PDF and the others matplotlib writes). A PNG carries
+``Software: tuneforge`` in its metadata, so that tools which write beside a user's files (``tuneforge report``)
+can tell their own earlier output from a user's file; SVG, PDF and PostScript carry ``Creator: tuneforge`` (the
+key each of those writers accepts). A figure is written to a temporary file and renamed, so a failure leaves no
+file behind.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from tuneforge.engine.metrics import read_metrics
@@ -16,6 +20,14 @@ from tuneforge.errors import UserError
 
 # The PNG text chunk every figure carries (keyword "Software"); see :func:`written_by_tuneforge`.
 PNG_SOFTWARE = "tuneforge"
+# Metadata by format: each matplotlib writer accepts its own keys and rejects others (the SVG writer raises on
+# "Software"); raster formats other than PNG take none.
+_METADATA = {"png": {"Software": PNG_SOFTWARE}, **{fmt: {"Creator": PNG_SOFTWARE}
+                                                    for fmt in ("svg", "svgz", "pdf", "ps", "eps")}}
+DEFAULT_FORMAT = "png"
+# A series with at most this many points is drawn with markers: one point is invisible as a line alone, and a
+# few points read better as points joined than as a bare polyline.
+MARKERS_UP_TO = 10
 
 # Keys of a metrics record that are bookkeeping, or drawn by plot_runs already (val_perplexity is exp(val_loss)).
 _NOT_PANELS = frozenset({"step", "epoch", "loss", "lr", "tokens", "tokens_per_s", "elapsed_s", "val_loss",
@@ -53,11 +65,38 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _draw(axis, points: list[tuple[float, float]], **style) -> None:
+    """Plot ``points`` on ``axis``; a short series (see ``MARKERS_UP_TO``) gets markers, so a single logged point
+    is visible."""
+    if len(points) <= MARKERS_UP_TO and "marker" not in style:
+        style.update(marker="o", markersize=4)
+    axis.plot(*zip(*points), **style)
+
+
+def image_format(out_file: str | Path, supported: dict[str, str]) -> str:
+    """The format named by ``out_file``'s suffix (``png`` when it has none); an unknown suffix is a
+    ``UserError`` listing the formats matplotlib writes."""
+    suffix = Path(out_file).suffix.lower().lstrip(".")
+    if not suffix:
+        return DEFAULT_FORMAT
+    if suffix not in supported:
+        raise UserError(f"{out_file}: unknown image format {suffix!r}; name a file ending in one of "
+                        f"{', '.join('.' + name for name in sorted(supported))}")
+    return suffix
+
+
 def _save(figure, out_file: str | Path) -> Path:
-    figure.tight_layout()
+    """Write ``figure`` in the format of ``out_file``'s suffix, through a temporary file renamed at the end."""
     out_file = Path(out_file)
+    fmt = image_format(out_file, figure.canvas.get_supported_filetypes())
+    figure.tight_layout()
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_file, dpi=100, metadata={"Software": PNG_SOFTWARE})
+    staging = out_file.with_name(f".{out_file.name}.tmp")
+    try:
+        figure.savefig(staging, format=fmt, dpi=100, metadata=_METADATA.get(fmt))
+        os.replace(staging, out_file)
+    finally:
+        staging.unlink(missing_ok=True)
     return out_file
 
 
@@ -70,7 +109,7 @@ def written_by_tuneforge(path: str | Path) -> bool:
 
 def plot_runs(run_dirs: list[str | Path], out_file: str | Path) -> Path:
     """Draw the loss and learning-rate curves of ``run_dirs`` (each with a metrics.jsonl) on one figure and save
-    it as PNG."""
+    it in the format of ``out_file``'s suffix (PNG when it has none)."""
     # A bare Figure renders with Agg on its own: no pyplot, so no global backend switch in the caller's
     # process (a notebook keeps its backend) and no figure registry to leak from.
     from matplotlib.figure import Figure
@@ -83,12 +122,12 @@ def plot_runs(run_dirs: list[str | Path], out_file: str | Path) -> Path:
         colour = f"C{index}"
         train, validation, rates = (_series(records, key) for key in ("loss", "val_loss", "lr"))
         if train:
-            loss_axis.plot(*zip(*train), color=colour, alpha=0.8, label=f"{label} train".strip())
+            _draw(loss_axis, train, color=colour, alpha=0.8, label=f"{label} train".strip())
         if validation:
-            loss_axis.plot(*zip(*validation), color=colour, linestyle="--", marker="o", markersize=3,
-                           label=f"{label} validation".strip())
+            _draw(loss_axis, validation, color=colour, linestyle="--", marker="o", markersize=3,
+                  label=f"{label} validation".strip())
         if rates:
-            lr_axis.plot(*zip(*rates), color=colour, label=label or None)
+            _draw(lr_axis, rates, color=colour, label=label or None)
     loss_axis.set_ylabel("loss (nats/token)")
     loss_axis.grid(alpha=0.3)
     if loss_axis.get_legend_handles_labels()[0]:
@@ -116,7 +155,8 @@ def metric_panels(records: list[dict]) -> list[str]:
 
 def plot_metrics(run_dirs: list[str | Path], out_file: str | Path, columns: int = 2) -> list[str]:
     """Draw every metric beyond loss and learning rate (see :func:`metric_panels`) of ``run_dirs``, one panel per
-    metric with all runs on it (training solid, validation dashed), and save the figure as PNG.
+    metric with all runs on it (training solid, validation dashed), and save the figure (format by suffix, as
+    :func:`plot_runs`).
 
     Returns the panel names, in figure order; when no run logged such a metric, nothing is written and the list
     is empty.
@@ -136,10 +176,10 @@ def plot_metrics(run_dirs: list[str | Path], out_file: str | Path, columns: int 
             label = f"{name} " if len(runs) > 1 else ""
             train, validation = _series(records, panel), _series(records, f"val_{panel}")
             if train:
-                axis.plot(*zip(*train), color=f"C{index}", alpha=0.8, label=f"{label}train")
+                _draw(axis, train, color=f"C{index}", alpha=0.8, label=f"{label}train")
             if validation:
-                axis.plot(*zip(*validation), color=f"C{index}", linestyle="--", marker="o", markersize=3,
-                          label=f"{label}validation")
+                _draw(axis, validation, color=f"C{index}", linestyle="--", marker="o", markersize=3,
+                      label=f"{label}validation")
         axis.set_title(panel, fontsize=10)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)

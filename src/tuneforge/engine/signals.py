@@ -10,11 +10,13 @@ import threading
 
 
 class StopRequest:
-    """Context manager; ``requested`` names the signal received, or is None."""
+    """Context manager; ``requested`` names the signal received, or is None. ``signals``: those it catches
+    (default Ctrl-C and SIGTERM)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS):
+        self.signals = signals
         self.requested: str | None = None
         self._previous = {}
 
@@ -26,7 +28,7 @@ class StopRequest:
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
-            for number in self.SIGNALS:
+            for number in self.signals:
                 self._previous[number] = signal.signal(number, self._handle)
         return self
 

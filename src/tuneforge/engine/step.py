@@ -11,6 +11,7 @@ import torch
 from tuneforge.data.collate import Batch
 from tuneforge.losses import masked_lm_loss_sum
 from tuneforge.models.adapters import decoder_and_head
+from tuneforge.progress import progress
 
 
 def pick_device() -> torch.device:
@@ -92,14 +93,16 @@ def attention_kernel(model: torch.nn.Module) -> str | None:
 
 
 @torch.no_grad()
-def summed_eval_loss(model: torch.nn.Module, loss_sum, batches, device: torch.device) -> tuple[torch.Tensor, int]:
+def summed_eval_loss(model: torch.nn.Module, loss_sum, batches, device: torch.device,
+                     desc: str = "validation") -> tuple[torch.Tensor, int]:
     """Sum of ``loss_sum(batch)`` over ``batches`` in eval mode (float64, on ``device``) and the trained tokens
-    of all ranks; the model's training mode is restored. Shared by every evaluation of response loss."""
+    of all ranks; the model's training mode is restored. Shared by every evaluation of response loss; its
+    progress is shown as ``desc``."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
-    for batch in batches:
+    for batch in progress(batches, desc):
         total += loss_sum(move(batch, device)).double()
         tokens += batch.global_trained
     model.train(was_training)
@@ -112,13 +115,13 @@ def loss_and_perplexity(total: float, tokens: int) -> tuple[float, float]:
 
 
 def evaluate_loss(model: torch.nn.Module, batches: list[Batch], device: torch.device, chunk_size: int = 1024,
-                  bf16: bool = False) -> dict:
+                  bf16: bool = False, desc: str = "loss") -> dict:
     """Mean loss over every trained token of ``batches`` and its perplexity (one process)."""
 
     def loss_sum(batch: Batch) -> torch.Tensor:
         with autocast(device, bf16):
             return lm_loss_sum(model, batch, chunk_size)
 
-    total, tokens = summed_eval_loss(model, loss_sum, batches, device)
+    total, tokens = summed_eval_loss(model, loss_sum, batches, device, desc)
     loss, perplexity = loss_and_perplexity(float(total), tokens)
     return {"loss": loss, "perplexity": perplexity, "tokens": tokens}

@@ -22,8 +22,6 @@ import datetime
 import gc
 import importlib.util
 import json
-import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,21 +34,26 @@ import yaml
 from tuneforge.config import DataConfig, _build, read_yaml_mapping
 from tuneforge.data.formats import Conversation, Message
 from tuneforge.data.dataset import DataReport
+from tuneforge.data.memory import recorded
 from tuneforge.data.preference import PreferenceRow, load_preference_rows
 from tuneforge.errors import ConfigError, DataError, UserError
 from tuneforge.eval.functions import RewardFunctions, load_callable
 from tuneforge.eval.heldout import HeldoutData, HeldoutRow, heldout_loss, implicit_reward_margins, read_heldout
-from tuneforge.eval.metrics import compile_pattern, score_generations
+from tuneforge.eval.environment import environment
+from tuneforge.eval.metrics import compile_pattern
+from tuneforge.eval.intervals import format_interval
+from tuneforge.eval.predictions import (JUDGE_SCORE, answer_scores, mean_scores, pair_scores, prediction_records,
+                                        refusal_scores, row_pattern as _pattern, row_scores, score_intervals,
+                                        win_outcomes, write_report)
 from tuneforge.engine.step import pick_device
 from tuneforge.models.loading import ModelSource, resolve_model
+from tuneforge.paths import EVAL_CONFIG_PATHS, resolve_paths
 
 SCHEMA = "tuneforge.eval/1"
 # Built-in metric names, as they appear in eval.json; --metrics picks among them (plus user metrics, `spec:fn`).
 REFERENCE_METRICS = ("exact_match", "contains", "token_f1", "rouge_l")
 METRICS = ("loss", "perplexity", *REFERENCE_METRICS, "regex_match", "stopped_rate", "mean_response_words",
            "refusal_rate_harmful", "refusal_rate_benign", "preference_accuracy", "preference_margin", "win_rate")
-# eval.metrics.score_generations names the same metrics differently.
-_SCORE_NAMES = {"exact_match": "exact_match", "token_f1": "f1", "rouge_l": "rouge_l"}
 # The metrics that need answers to the --data prompts (samples are filled from those answers when there are any).
 ANSWER_METRICS = {*REFERENCE_METRICS, "regex_match", "stopped_rate", "mean_response_words", "win_rate"}
 _COMPUTED_TOGETHER = ({"loss", "perplexity"}, {"preference_accuracy", "preference_margin"})
@@ -125,8 +128,6 @@ class EvalSettings:
         return self.temperature == 0
 
 
-# Keys that hold a path or a model argument: relative to an eval config file's folder where that exists.
-_PATH_KEYS = ("model", "judge", "data", "pairs", "harmful", "benign", "template")
 _LIST_KEYS = ("compare", "labels", "metrics", "lm_eval")
 # (low, high) inclusive bounds; None is open.
 _RANGES = {"max_new_tokens": (1, None), "temperature": (0.0, None), "top_p": (1e-6, 1.0), "batch_size": (1, None),
@@ -135,7 +136,8 @@ _RANGES = {"max_new_tokens": (1, None), "temperature": (0.0, None), "top_p": (1e
 
 
 def load_settings(path: str | Path | None = None, overrides: dict | None = None) -> EvalSettings:
-    """Settings from a YAML file of :class:`EvalSettings` keys (paths in it are relative to the file), with
+    """Settings from a YAML file of :class:`EvalSettings` keys (paths in it are relative to the file, by the rule
+    of ``tuneforge.paths``: ``default`` and hub ids stay as written), with
     ``overrides`` (command-line values; None values are ignored) on top. Raises :class:`ConfigError` naming
     the file and the key."""
     values: dict = {}
@@ -144,7 +146,7 @@ def load_settings(path: str | Path | None = None, overrides: dict | None = None)
         path, where = Path(path), f"{path}: "
         values = read_yaml_mapping(path, "eval config file",
                                    "an eval config is a mapping of keys (model, data, metrics, ...)")
-        values = _relative_to(values, path.parent)
+        values = resolve_paths(values, path.parent, EVAL_CONFIG_PATHS)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     for key in _LIST_KEYS:  # a single string is a one-item list; "a,b" is two items
         if isinstance(values.get(key), str):
@@ -168,34 +170,6 @@ def load_settings(path: str | Path | None = None, overrides: dict | None = None)
 def _split(key: str, item: str) -> list[str]:
     # Commas separate names; a user metric's file path could hold a comma, but model paths never split.
     return item.split(",") if key in ("metrics", "lm_eval") else [item]
-
-
-def _relative_to(values: dict, folder: Path) -> dict:
-    """A relative path in a config file is relative to the file's folder when it exists there (as data paths in
-    a training config); anything else (``default``, a hub id, ``out``) is kept as written."""
-    def resolve(value):
-        if isinstance(value, str) and not Path(value).is_absolute() and (folder / value).exists():
-            return str(folder / value)
-        return value
-
-    out = dict(values)
-    for key in _PATH_KEYS:
-        if key in out:
-            out[key] = resolve(out[key])
-    if isinstance(out.get("compare"), list):
-        out["compare"] = [resolve(m) for m in out["compare"]]
-    if isinstance(out.get("metrics"), list):
-        out["metrics"] = [_relative_spec(m, folder) for m in out["metrics"]]
-    return out
-
-
-def _relative_spec(spec, folder: Path):
-    """A user metric ``path/to/file.py:function`` with the file found relative to the config's folder."""
-    if isinstance(spec, str) and ":" in spec:
-        source, _, name = spec.rpartition(":")
-        if source.endswith(".py") and not Path(source).is_absolute() and (folder / source).is_file():
-            return f"{folder / source}:{name}"
-    return spec
 
 
 def _check_range(key: str, value) -> None:
@@ -367,13 +341,18 @@ def _labels(specs: list[str], given: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- measurements
 @dataclass
 class ModelResult:
-    """What one model produced: its metrics, its answers to the --data prompts and its template's name."""
+    """What one model produced: its metrics, its answers to the --data prompts (``texts``: to the --harmful and
+    --benign ones), each row's scores by file (``data``, ``harmful``, ``benign``, ``pairs``; None for a row left
+    out; see ``eval.predictions``), the loss's row count, and its template's name."""
 
     metrics: dict[str, float]
     answers: list[str] = field(default_factory=list)
     template: str | None = None
     notes: list[str] = field(default_factory=list)
     lm_eval: dict | None = None
+    texts: dict[str, list[str]] = field(default_factory=dict)
+    scores: dict[str, list] = field(default_factory=dict)
+    sizes: dict[str, dict] = field(default_factory=dict)
 
 
 def evaluate_model(entry: ModelEntry, plan: EvalPlan, log: Callable[[str], None]) -> ModelResult:
@@ -386,7 +365,7 @@ def evaluate_model(entry: ModelEntry, plan: EvalPlan, log: Callable[[str], None]
         result = ModelResult({}, notes=[f"{entry.label} is a reward model: only preference accuracy applies"])
         if plan.pairs and "preference_accuracy" in plan.metrics:
             scorer = RewardScorer.load(entry.spec, settings.template, settings.dtype, settings.max_length)
-            result.metrics.update(_accuracy(reward_model_margins(scorer, plan.pairs, settings.batch_size)))
+            _score_pairs(result, reward_model_margins(scorer, plan.pairs, settings.batch_size))
             result.template = scorer.template.name
         return result
     generator = Generator.load(entry.spec, settings.template, settings.dtype)
@@ -396,6 +375,7 @@ def evaluate_model(entry: ModelEntry, plan: EvalPlan, log: Callable[[str], None]
         log(f"{entry.label}: loss on {len(heldout.conversations)} held-out responses")
         loss = heldout_loss(generator, heldout.conversations, plan.data_config, settings.batch_size)
         result.metrics.update(loss=loss["loss"], perplexity=loss["perplexity"])
+        result.sizes = dict.fromkeys(("loss", "perplexity"), {"n": len(heldout.conversations) - loss["dropped"]})
         if loss["dropped"]:
             result.notes.append(f"{entry.label}: {loss['dropped']} held-out row(s) whose response would be "
                                 f"truncated away at max_length {settings.max_length} left out of the loss")
@@ -403,14 +383,15 @@ def evaluate_model(entry: ModelEntry, plan: EvalPlan, log: Callable[[str], None]
         log(f"{entry.label}: answering {len(heldout.rows)} held-out prompts")
         generations = _generate(generator, heldout.rows, settings)
         result.answers = [g.text for g in generations]
-        result.metrics.update(answer_metrics(heldout.rows, generations, plan.metrics, plan.user_metrics,
-                                             generator.template))
+        result.scores["data"] = answer_scores(heldout.rows, generations, plan.metrics, plan.user_metrics,
+                                              generator.template)
+        result.metrics.update(mean_scores(result.scores["data"]))
     for name, rows in (("harmful", plan.harmful), ("benign", plan.benign)):
         if rows and f"refusal_rate_{name}" in plan.metrics:
             log(f"{entry.label}: answering {len(rows)} {name} prompts")
-            answers = [g.text for g in _generate(generator, rows, settings)]
-            result.metrics[f"refusal_rate_{name}"] = score_generations(answers, metrics=["refusal_rate"])[
-                "refusal_rate"]
+            result.texts[name] = [g.text for g in _generate(generator, rows, settings)]
+            result.scores[name] = refusal_scores(name, result.texts[name])
+            result.metrics.update(mean_scores(result.scores[name]))
     if plan.pairs and "preference_accuracy" in plan.metrics:
         _implicit_accuracy(entry, generator, plan, result, log)
     del generator
@@ -423,7 +404,7 @@ def _generate(generator, rows: Sequence[HeldoutRow], settings: EvalSettings) -> 
     torch.manual_seed(settings.seed)
     return generator.generate_responses([row.prompt for row in rows], max_new_tokens=settings.max_new_tokens,
                                         temperature=settings.temperature, top_p=settings.top_p,
-                                        batch_size=settings.batch_size)
+                                        batch_size=settings.batch_size, progress="answers")
 
 
 def generation_metrics(rows: Sequence[HeldoutRow], generations: Sequence, metrics: set[str]) -> dict[str, float]:
@@ -431,33 +412,9 @@ def generation_metrics(rows: Sequence[HeldoutRow], generations: Sequence, metric
 
     Reference metrics are means over the rows with a reference; ``contains`` checks the row's ``answer`` when it
     has one, else the reference; ``regex_match`` is the mean over the rows with a ``pattern``; ``stopped_rate``
-    and ``mean_response_words`` are means over every row.
+    and ``mean_response_words`` are means over every row: the means of ``eval.predictions.row_scores``.
     """
-    out: dict[str, float] = {}
-    texts = [g.text for g in generations]
-    referenced = [(text, row) for text, row in zip(texts, rows) if row.reference is not None]
-    wanted = [name for name in _SCORE_NAMES if name in metrics]
-    if referenced and wanted:
-        scores = score_generations([t for t, _ in referenced], [r.reference for _, r in referenced],
-                                   metrics=[_SCORE_NAMES[n] for n in wanted])
-        out.update({name: scores[_SCORE_NAMES[name]] for name in wanted})
-    if referenced and "contains" in metrics:
-        out["contains"] = score_generations([t for t, _ in referenced], [r.short_answer() for _, r in referenced],
-                                            metrics=["contains"])["contains"]
-    patterned = [(text, _pattern(row)) for text, row in zip(texts, rows) if _pattern(row) is not None]
-    if patterned and "regex_match" in metrics:
-        out["regex_match"] = score_generations([t for t, _ in patterned], patterns=[p for _, p in patterned],
-                                               metrics=["regex"])["regex"]
-    if texts and "stopped_rate" in metrics:
-        out["stopped_rate"] = sum(g.stopped for g in generations) / len(generations)
-    if texts and "mean_response_words" in metrics:
-        out["mean_response_words"] = score_generations(texts, metrics=["mean_length"])["mean_length"]
-    return out
-
-
-def _pattern(row: HeldoutRow) -> str | None:
-    value = row.fields.get("pattern")
-    return None if value in (None, "") else str(value)
+    return mean_scores(row_scores(rows, generations, metrics))
 
 
 def check_patterns(rows: Sequence[HeldoutRow]) -> None:
@@ -474,13 +431,9 @@ def check_patterns(rows: Sequence[HeldoutRow]) -> None:
 def answer_metrics(rows: Sequence[HeldoutRow], generations: Sequence, metrics: set[str],
                    user_metrics: RewardFunctions | None, template) -> dict[str, float]:
     """The selected built-in metrics of the answers (:func:`generation_metrics`) and the mean of each user metric,
-    called with the prompt as ``template`` renders it, the answer and the row."""
-    out = generation_metrics(rows, generations, metrics)
-    if user_metrics is not None:
-        prompts = [template.prompt_text(row.prompt) for row in rows]
-        out.update(user_metric_means(user_metrics, prompts, [g.text for g in generations],
-                                     [row.fields for row in rows]))
-    return out
+    called with the prompt as ``template`` renders it, the answer and the row (``eval.predictions.answer_scores``
+    gives each row's values)."""
+    return mean_scores(answer_scores(rows, generations, metrics, user_metrics, template))
 
 
 def user_metric_means(functions: RewardFunctions, prompts: Sequence[str], responses: Sequence[str],
@@ -491,18 +444,19 @@ def user_metric_means(functions: RewardFunctions, prompts: Sequence[str], respon
     return {name: sum(s.scores[name] for s in scores) / len(scores) for name in functions.functions}
 
 
-def _accuracy(margins: Sequence[float]) -> dict[str, float]:
-    """Preference accuracy (the fraction of pairs with margin > 0: a tie is not ranked right) and mean margin."""
-    if not margins:
+def _score_pairs(result: ModelResult, margins: Sequence[float | None]) -> None:
+    """Preference accuracy (the fraction of pairs with margin > 0: a tie is not ranked right) and mean margin,
+    from each pair's margin (None: left out), kept per pair too."""
+    if all(margin is None for margin in margins):
         raise UserError("no preference pair left to score (every pair longer than max_length?)")
-    return {"preference_accuracy": sum(m > 0 for m in margins) / len(margins),
-            "preference_margin": sum(margins) / len(margins)}
+    result.scores["pairs"] = pair_scores(margins)
+    result.metrics.update(mean_scores(result.scores["pairs"]))
 
 
 def reward_model_margins(scorer, pairs: Sequence[PreferenceRow], batch_size: int) -> list[float]:
     """score(prompt + chosen) - score(prompt + rejected) of each pair under a reward model."""
     conversations = [Conversation(p.prompt + side, p.source, p.row) for p in pairs for side in (p.chosen, p.rejected)]
-    scores = scorer.score(conversations, batch_size=batch_size)
+    scores = scorer.score(conversations, batch_size=batch_size, progress="reward-model scores")
     return [chosen - rejected for chosen, rejected in zip(scores[0::2], scores[1::2])]
 
 
@@ -530,10 +484,10 @@ def _implicit_accuracy(entry: ModelEntry, generator, plan: EvalPlan, result: Mod
     log(f"{entry.label}: implicit reward (beta {beta:g}) on {len(plan.pairs)} pairs")
     margins = implicit_reward_margins(generator, plan.pairs, plan.data_config, beta, reference,
                                       plan.settings.batch_size)
-    if len(margins) < len(plan.pairs):
-        result.notes.append(f"{entry.label}: {len(plan.pairs) - len(margins)} pair(s) whose response would be "
-                            f"truncated away at max_length {plan.settings.max_length} left out of preference accuracy")
-    result.metrics.update(_accuracy(margins))
+    if None in margins:
+        result.notes.append(f"{entry.label}: {margins.count(None)} pair(s) whose response would be truncated "
+                            f"away at max_length {plan.settings.max_length} left out of preference accuracy")
+    _score_pairs(result, margins)
 
 
 def run_beta(run_dir: Path) -> float:
@@ -555,18 +509,10 @@ def _free_memory() -> None:
 def count_wins(scores_a: Sequence[float], scores_b: Sequence[float], answers_a: Sequence[str],
                answers_b: Sequence[str], tolerance: float = TIE_TOLERANCE) -> dict[str, float]:
     """Wins, losses and ties of A over B, prompt by prompt: a tie when both answers are the same text or their
-    scores differ by at most ``tolerance``; rate = (wins + ties / 2) / prompts."""
-    if not len(scores_a) == len(scores_b) == len(answers_a) == len(answers_b) or not scores_a:
-        raise ValueError(f"{len(scores_a)}, {len(scores_b)} scores and {len(answers_a)}, {len(answers_b)} answers")
-    wins = losses = ties = 0
-    for a, b, text_a, text_b in zip(scores_a, scores_b, answers_a, answers_b):
-        if text_a == text_b or abs(a - b) <= tolerance:
-            ties += 1
-        elif a > b:
-            wins += 1
-        else:
-            losses += 1
-    return {"wins": wins, "losses": losses, "ties": ties, "rate": (wins + ties / 2) / len(scores_a)}
+    scores differ by at most ``tolerance``; rate = (wins + ties / 2) / prompts (``predictions.win_outcomes``)."""
+    outcomes = win_outcomes(scores_a, scores_b, answers_a, answers_b, tolerance)
+    wins, ties = outcomes.count(1.0), outcomes.count(0.5)
+    return {"wins": wins, "losses": len(outcomes) - wins - ties, "ties": ties, "rate": sum(outcomes) / len(outcomes)}
 
 
 def judge_win_rate(plan: EvalPlan, results: dict[str, ModelResult], log) -> dict:
@@ -582,17 +528,23 @@ def judge_win_rate(plan: EvalPlan, results: dict[str, ModelResult], log) -> dict
     scorer = RewardScorer.load(settings.judge, dtype=settings.dtype, max_length=settings.max_length)
     prompts = [row.prompt for row in plan.heldout.rows]
     scores = {label: scorer.score([Conversation(p + [Message("assistant", answer)])
-                                   for p, answer in zip(prompts, results[label].answers)], settings.batch_size)
+                                   for p, answer in zip(prompts, results[label].answers)], settings.batch_size,
+                                  progress=f"judging {label}")
               for label in (a, b)}
     del scorer
     _free_memory()
+    outcomes = win_outcomes(scores[a], scores[b], results[a].answers, results[b].answers, TIE_TOLERANCE)
+    for label in (a, b):  # per row, for predictions.jsonl and the interval: each judge score, A's outcome
+        for index, row in enumerate(results[label].scores["data"]):
+            row.update({JUDGE_SCORE: scores[label][index], **({"win_rate": outcomes[index]} if label == a else {})})
     counts = count_wins(scores[a], scores[b], results[a].answers, results[b].answers)
     return {"judge": settings.judge, "a": a, "b": b, **counts}
 
 
 # ---------------------------------------------------------------------------------------------------- the run
 def run_eval(settings: EvalSettings, log: Callable[[str], None] = lambda message: None) -> tuple[dict, Path]:
-    """Plan, measure every model, judge, write eval.json. Returns (the eval.json object, its path)."""
+    """Plan, measure every model, judge, write eval.json and predictions.jsonl. Returns (the eval.json object, its
+    path)."""
     plan = plan_eval(settings)
     results: dict[str, ModelResult] = {}
     for entry in plan.models:
@@ -607,7 +559,9 @@ def run_eval(settings: EvalSettings, log: Callable[[str], None] = lambda message
                                                        device=str(pick_device()))
     win_rate = judge_win_rate(plan, results, log) if "win_rate" in plan.metrics else None
     report = build_report(plan, results, win_rate)
-    return report, write_report(report, plan.out)
+    sets = {"data": plan.heldout.rows if plan.heldout else [], "harmful": plan.harmful, "benign": plan.benign,
+            "pairs": plan.pairs}
+    return report, write_report(report, plan.out, prediction_records(sets, results))
 
 
 def build_report(plan: EvalPlan, results: dict[str, ModelResult], win_rate: dict | None) -> dict:
@@ -618,8 +572,8 @@ def build_report(plan: EvalPlan, results: dict[str, ModelResult], win_rate: dict
     return {
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "data": {"generation": settings.data, "pairs": settings.pairs, "harmful": settings.harmful,
-                 "benign": settings.benign},
+        "data": {"generation": recorded(settings.data), "pairs": recorded(settings.pairs),
+                 "harmful": recorded(settings.harmful), "benign": recorded(settings.benign)},
         "settings": {"max_new_tokens": settings.max_new_tokens, "greedy": settings.greedy,
                      "template": settings.template or first.template, "batch_size": settings.batch_size,
                      "seed": settings.seed, "temperature": settings.temperature, "top_p": settings.top_p,
@@ -633,20 +587,10 @@ def build_report(plan: EvalPlan, results: dict[str, ModelResult], win_rate: dict
                     for i, row in enumerate(sample_rows) if any(r.answers for r in results.values())],
         "lm_eval": {label: r.lm_eval for label, r in results.items()} if settings.lm_eval else None,
         "notes": [note for r in results.values() for note in r.notes],
+        # Sample size and 95% interval of each metric (eval.intervals), beside the values above.
+        "intervals": {label: {**r.sizes, **score_intervals(r.scores)} for label, r in results.items()},
+        "environment": environment(),
     }
-
-
-def write_report(report: dict, out: Path) -> Path:
-    """Write eval.json atomically; an existing file is first renamed to eval.N.json (the smallest free N)."""
-    staging = out.with_name(f".{out.name}.tmp")
-    staging.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    if out.exists():
-        pattern = re.compile(rf"{re.escape(out.stem)}\.(\d+){re.escape(out.suffix)}$")
-        taken = {int(m.group(1)) for p in out.parent.iterdir() if (m := pattern.match(p.name))}
-        aside = out.with_name(f"{out.stem}.{next(n for n in range(1, len(taken) + 2) if n not in taken)}{out.suffix}")
-        out.rename(aside)
-    os.replace(staging, out)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------- table
@@ -654,18 +598,20 @@ _ORDER = tuple(name for name in METRICS if name != "win_rate")  # the win rate h
 
 
 def format_table(report: dict) -> str:
-    """Metrics as rows (lm-eval scores last), models as columns; then a line for the win rate."""
+    """Metrics as rows (lm-eval scores last), models as columns, each value with its 95% interval and sample size
+    where eval.json has them; then a line for the win rate."""
     labels = [m["label"] for m in report["models"]]
-    metrics = report["metrics"]
+    metrics, intervals = report["metrics"], report.get("intervals") or {}
     names = [n for n in _ORDER if any(n in metrics[label] for label in labels)]
     names += sorted({n for label in labels for n in metrics[label] if n not in _ORDER})
     rows = [(name, [metrics[label].get(name) for label in labels]) for name in names]
+    cells = [(name, [_cell(v) + ("" if v is None else format_interval((intervals.get(label) or {}).get(name)))
+                     for v, label in zip(values, labels)]) for name, values in rows]
     lm_eval = {label: tasks or {} for label, tasks in (report.get("lm_eval") or {}).items()}
     scored = dict.fromkeys((task, metric) for tasks in lm_eval.values() for task, values in tasks.items()
                            for metric in values)
-    rows += [(f"lm_eval {task}/{metric}", [lm_eval.get(label, {}).get(task, {}).get(metric) for label in labels])
-             for task, metric in scored]
-    cells = [(name, [_cell(v) for v in values]) for name, values in rows]
+    cells += [(f"lm_eval {task}/{metric}", [_cell(lm_eval.get(label, {}).get(task, {}).get(metric))
+                                            for label in labels]) for task, metric in scored]
     first = max([len("metric"), *(len(name) for name, _ in cells)])
     widths = [2 + max([len(label), *(len(texts[i]) for _, texts in cells)]) for i, label in enumerate(labels)]
     lines = ["metric".ljust(first) + "".join(label.rjust(w) for label, w in zip(labels, widths))]
@@ -673,8 +619,9 @@ def format_table(report: dict) -> str:
         lines.append(name.ljust(first) + "".join(text.rjust(w) for text, w in zip(texts, widths)))
     win = report.get("win_rate")
     if win:
+        interval = format_interval((intervals.get(win["a"]) or {}).get("win_rate"))
         lines.append(f"win rate of {win['a']} over {win['b']} (judge {win['judge']}): {win['wins']} wins, "
-                     f"{win['losses']} losses, {win['ties']} ties, rate {win['rate']:.3f}")
+                     f"{win['losses']} losses, {win['ties']} ties, rate {win['rate']:.3f}{interval}")
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ from tuneforge.errors import DataError, UserError
 from tuneforge.inference import Generator
 from tuneforge.losses import dpo_loss, sequence_logprobs_from_hidden
 from tuneforge.models.adapters import decoder_and_head, is_peft
+from tuneforge.progress import progress
 
 
 # ------------------------------------------------------------------------------------------------------ reading
@@ -112,7 +113,8 @@ def heldout_loss(generator: Generator, conversations: list[Conversation], data: 
     report = DataReport(path=conversations[0].source if conversations else "")
     examples = tokenize_conversations(conversations, generator.template, generator.tokenizer, data, report)
     batches = make_batches(examples, batch_size, generator.tokenizer.pad_token_id)
-    return {**evaluate_loss(generator.model, batches, generator.device), "dropped": sum(report.dropped.values())}
+    return {**evaluate_loss(generator.model, batches, generator.device, desc="held-out loss"),
+            "dropped": sum(report.dropped.values())}
 
 
 # ------------------------------------------------------------------------------------------ implicit reward
@@ -128,14 +130,15 @@ def _pair_logprobs(model: torch.nn.Module, batch, device: torch.device) -> tuple
 
 @torch.no_grad()
 def implicit_reward_margins(generator: Generator, pairs: list[PreferenceRow], data: DataConfig, beta: float,
-                            reference: torch.nn.Module | None = None, batch_size: int = 8) -> list[float]:
+                            reference: torch.nn.Module | None = None,
+                            batch_size: int = 8) -> list[float | None]:
     """DPO's implicit reward margin of each pair, r(chosen) - r(rejected), with r(y) = beta * (log pi(y | x) -
     log ref(y | x)) and log-probs summed over the response tokens (``losses.dpo_loss``'s rewards).
 
     The reference is ``reference`` when given (a full fine-tuning run's starting model), else the policy with
     its LoRA adapter switched off. Pairs the template cannot render raise; pairs whose truncation at
-    ``data.max_length`` would remove a response are dropped (counted by ``tokenize_pairs``), so the list may be
-    shorter than ``pairs``.
+    ``data.max_length`` would remove a response are left out (counted by ``tokenize_pairs``): the list has one
+    entry per pair, in order, None for a pair left out.
     """
     model = generator.model
     if reference is None and not is_peft(model):
@@ -144,7 +147,8 @@ def implicit_reward_margins(generator: Generator, pairs: list[PreferenceRow], da
     report = DataReport(path=pairs[0].source if pairs else "")
     examples = tokenize_pairs(pairs, generator.template, generator.tokenizer, data, report)
     margins: list[float] = []
-    for batch in make_preference_batches(examples, batch_size, generator.tokenizer.pad_token_id):
+    batches = make_preference_batches(examples, batch_size, generator.tokenizer.pad_token_id)
+    for batch in progress(batches, "implicit reward"):
         chosen, rejected = _pair_logprobs(model, batch, generator.device)
         if reference is not None:
             ref_chosen, ref_rejected = _pair_logprobs(reference, batch, generator.device)
@@ -152,4 +156,13 @@ def implicit_reward_margins(generator: Generator, pairs: list[PreferenceRow], da
             with model.disable_adapter():
                 ref_chosen, ref_rejected = _pair_logprobs(model, batch, generator.device)
         margins += dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta).margins.tolist()
-    return margins
+    # The batches keep the examples' order, and the examples the pairs' order less the pairs left out.
+    kept = iter(zip((example.row for example in examples), margins))
+    aligned, following = [], next(kept, None)
+    for pair in pairs:
+        if following is not None and following[0] == pair.row:
+            aligned.append(following[1])
+            following = next(kept, None)
+        else:
+            aligned.append(None)
+    return aligned

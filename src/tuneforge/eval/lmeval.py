@@ -26,6 +26,7 @@ import torch
 
 from tuneforge.errors import DataError, UserError
 from tuneforge.models.loading import ModelSource, load_model, load_tokenizer, resolve_model
+from tuneforge.quiet import quiet_lm_eval_git
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
 INSTALL_HINT = "lm-eval is not installed: pip install 'tuneforge[lmeval]'"
@@ -196,6 +197,7 @@ def _import_lm_eval():
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise UserError(INSTALL_HINT) from None
+    quiet_lm_eval_git()
     for logger_name, fragments in _EXPECTED_WARNINGS.items():
         logger = logging.getLogger(logger_name)
         if not any(isinstance(f, _DropExpected) for f in logger.filters):

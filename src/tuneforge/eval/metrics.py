@@ -1,7 +1,8 @@
 """Generation metrics against references, on normalised text (SQuAD-style normalisation), and behaviour checks
 on a generation by itself (did it stop on its own, is it a refusal, how long is it).
 
-Every metric scores one prediction; ``score_generations`` averages them over a set.
+Every metric scores one prediction; ``score_each`` gives each prediction's value, ``score_generations`` their
+mean over a set.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def _best(metric, prediction: str, reference: Reference) -> float:
 def score_generations(predictions: Sequence[str], references: Sequence[Reference] | None = None,
                       patterns: str | Sequence[str] | None = None,
                       metrics: Sequence[str] | None = None) -> dict[str, float]:
-    """Mean of each metric over the predictions, keyed by metric name.
+    """Mean of each metric over the predictions, keyed by metric name: the means of :func:`score_each`.
 
     ``references``: one per prediction, each a string or a list of acceptable strings (the best one counts);
     needed by "exact_match", "contains", "f1" and "rouge_l". ``patterns``: one regular expression for every
@@ -196,6 +197,16 @@ def score_generations(predictions: Sequence[str], references: Sequence[Reference
     fraction ``is_refusal``; "mean_length" the mean ``response_length`` in words. ``metrics`` defaults to every
     metric the given inputs allow. Raises ``UserError`` on an unknown metric, a missing input or a length mismatch.
     """
+    return {name: sum(values) / len(values)
+            for name, values in score_each(predictions, references, patterns, metrics).items()}
+
+
+def score_each(predictions: Sequence[str], references: Sequence[Reference] | None = None,
+               patterns: str | Sequence[str] | None = None,
+               metrics: Sequence[str] | None = None) -> dict[str, list[float]]:
+    """Each metric's value for each prediction (one list per metric, in prediction order): 0.0 or 1.0 for
+    "exact_match", "contains", "regex" and "refusal_rate", the score for "f1" and "rouge_l", the word count for
+    "mean_length". Arguments and errors as :func:`score_generations`."""
     if not predictions:
         raise UserError("no predictions to score")
     if metrics is None:
@@ -214,7 +225,7 @@ def score_generations(predictions: Sequence[str], references: Sequence[Reference
         if wanted and len(given) != count:
             raise UserError(f"{len(given)} {name} for {count} predictions; give one per prediction")
 
-    results: dict[str, float] = {}
+    results: dict[str, list[float]] = {}
     for name in metrics:
         if name in _REFERENCE_METRICS:
             values = [_best(_REFERENCE_METRICS[name], p, r) for p, r in zip(predictions, references)]
@@ -224,5 +235,5 @@ def score_generations(predictions: Sequence[str], references: Sequence[Reference
             values = [float(is_refusal(p)) for p in predictions]
         else:
             values = [float(response_length(p)) for p in predictions]
-        results[name] = sum(values) / count
+        results[name] = values
     return results

@@ -18,6 +18,7 @@ from tuneforge.errors import UserError
 from tuneforge.inference import load_for_inference, tokenizer_and_template
 from tuneforge.models.loading import resolve_model
 from tuneforge.models.reward import reward_scores
+from tuneforge.progress import progress as show_progress
 
 
 @dataclass
@@ -60,11 +61,13 @@ class RewardScorer:
         return example
 
     @torch.no_grad()
-    def score(self, conversations: list[Conversation], batch_size: int = 8) -> list[float]:
-        """One scalar per conversation, in order."""
+    def score(self, conversations: list[Conversation], batch_size: int = 8, progress: str | None = None
+              ) -> list[float]:
+        """One scalar per conversation, in order; with ``progress``, the batches done are shown under that name."""
         scores: list[float] = []
         pad = self.tokenizer.pad_token_id
-        for start in range(0, len(conversations), batch_size):
+        starts = range(0, len(conversations), batch_size)
+        for start in show_progress(starts, progress or "", enabled=None if progress else False):
             examples = [self.encode(c) for c in conversations[start:start + batch_size]]
             batch = collate_padded(examples, pad)
             values = reward_scores(self.model, batch.input_ids.to(self.device), batch.attention_mask.to(self.device),

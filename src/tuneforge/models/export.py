@@ -16,6 +16,7 @@ import torch
 
 from tuneforge.errors import UserError
 from tuneforge.models.loading import load_model, load_tokenizer, resolve_model
+from tuneforge.models.merge import run_chat_template
 
 GGUF_ARCH = "llama"
 EXPORT_DTYPES = ("f32", "f16")
@@ -37,7 +38,9 @@ LAYER_TENSORS = {
 def export_gguf(model_spec: str | Path, out_file: str | Path, dtype: str = "f16") -> Path:
     """Write ``model_spec`` (a HF folder, a .gguf file, a hub id or a tuneforge run directory) to ``out_file``.
 
-    A LoRA run is merged into its base first (a QLoRA run into the float base, as ``tuneforge merge`` does).
+    A LoRA run is merged into its base first (a QLoRA run into the float base, as ``tuneforge merge`` does), and a
+    run's chat template is the one it was trained with (``merge.training_chat_template``; refused where no chat
+    template reproduces the training tokens); a folder, file or hub id keeps its own.
     ``dtype`` is the storage type of the matrices: ``f32`` (exact) or ``f16``; norm vectors stay f32 as in
     llama.cpp. Refuses an existing ``out_file`` and any architecture other than Llama.
     """
@@ -49,10 +52,13 @@ def export_gguf(model_spec: str | Path, out_file: str | Path, dtype: str = "f16"
     if not out_file.parent.is_dir():
         raise UserError(f"folder {out_file.parent} does not exist")
     source = resolve_model(str(model_spec))
+    tokenizer = load_tokenizer(source)
+    if source.run is not None:
+        # A run is prompted as it was trained (checked before the model loads); a plain folder keeps its own.
+        tokenizer.chat_template = run_chat_template(source, tokenizer)
     model = load_model(source, "float32", quantize=False)
     if source.adapter:
         model = model.merge_and_unload()
-    tokenizer = load_tokenizer(source)
     _check_supported(model.config, tokenizer, model_spec)
 
     import gguf

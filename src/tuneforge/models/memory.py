@@ -1,7 +1,8 @@
 """``tuneforge estimate``: a memory breakdown of a training run, from the model's config alone.
 
-Nothing is downloaded and no weight is allocated: parameter counts come from the config's shapes (Llama-style
-decoders: Llama, SmolLM2, Mistral, Qwen2-like), and every byte figure is a formula documented here and in
+No weight is downloaded or allocated (for a hub id, only its config.json is read, from the local Hugging Face
+cache when it is there): parameter counts come from the config's shapes (Llama-style decoders: Llama, SmolLM2,
+Mistral, Qwen2-like), and every byte figure is a formula documented here and in
 ``docs/memory.md``. Sizes are in bytes; the CLI prints GB with 1 GB = 1e9 bytes.
 
 Parameters (h hidden, L layers, a heads, k kv heads, d head_dim, I intermediate, V vocab):
@@ -59,6 +60,12 @@ DEVICES = ("cuda", "cpu")
 # torch, transformers, peft and tuneforge.recipes.sft (391 MiB = 0.41 GB with torch 2.13 CPU and transformers
 # 5.24; docs/memory.md). On a GPU it is host memory, outside the device's budget.
 CPU_RUNTIME_BYTES = 0.41e9
+
+# `tuneforge estimate`'s settings when neither a flag nor a run config (--model RUN.yaml) gives them.
+ESTIMATE_DEFAULTS = {"method": "lora", "seq_len": 512, "batch": 1, "lora_r": 16, "grad_checkpointing": False,
+                     "checkpoint_fraction": 1.0, "dtype": "float32", "optimizer": "adamw",
+                     "loss_chunk_size": DEFAULT_LOSS_CHUNK}
+RUN_CONFIG_SUFFIXES = (".yaml", ".yml")
 
 ACTIVATIONS_DOC = "per layer and token: 7h + 2·kv·head_dim + 4·intermediate elements (docs/memory.md)"
 
@@ -127,31 +134,68 @@ def _stored_dtype(value) -> str | None:
     return value if value in DTYPE_BYTES else None
 
 
-def resolve_shape(spec: str) -> ModelShape:
-    """``spec``: a config.json path, a model folder, ``default`` or a name of ``KNOWN_MODELS``."""
-    if spec == "default":
-        from tuneforge.models.loading import DEFAULT_MODEL_NAME, cache_dir
+def resolve_shape(spec: str, key: str = "--model") -> ModelShape:
+    """The shape of the model ``spec`` names: ``default``, a name of ``KNOWN_MODELS``, a run config (``.yaml``:
+    its ``model.name_or_path``), a ``config.json``, a Hugging Face model folder, a tuneforge run directory (its
+    base's config), or a hub id (its config.json from the local Hugging Face cache, else from the hub when it
+    answers). ``key`` names the setting in messages."""
+    from tuneforge.models.loading import (DEFAULT_MODEL_NAME, RUN_MARKER, cache_dir, cached_hub_file,
+                                          missing_path_message)
+    from tuneforge.paths import DEFAULT_MODEL, looks_like_path
 
+    if spec in (DEFAULT_MODEL, ""):
         cached = cache_dir() / "models" / DEFAULT_MODEL_NAME / "config.json"
         if cached.is_file():
             return shape_from_config(json.loads(cached.read_text()), DEFAULT_MODEL_NAME)
         return KNOWN_MODELS["smollm2-135m"]
     if spec.lower() in KNOWN_MODELS:
         return KNOWN_MODELS[spec.lower()]
-    path = Path(spec)
+    path = Path(spec).expanduser()
+    if path.suffix in RUN_CONFIG_SUFFIXES and path.is_file():
+        return resolve_shape(run_config_settings(path)[0], "model.name_or_path")
     if path.is_dir():
+        if (path / RUN_MARKER).is_file():  # a run: a LoRA run's base, or a full run's own model
+            run = json.loads((path / RUN_MARKER).read_text())
+            if run.get("kind") == "lora":
+                return resolve_shape(run["base_model"], f"{path / RUN_MARKER}: base_model")
+            path = path / "model"
         path = path / "config.json"
         if not path.is_file():
             raise UserError(f"{spec} is a folder without config.json; point --model at a Hugging Face model folder "
                             "or a config.json file")
     elif not path.is_file():
-        raise UserError(f"unknown model '{spec}': not a file or folder, and not one of the built-in names "
-                        f"({', '.join(sorted(KNOWN_MODELS))}, default)")
+        if looks_like_path(spec):
+            raise UserError(missing_path_message(spec, key))
+        try:
+            path = cached_hub_file(spec)
+        except UserError as error:
+            if "/" in spec:  # an org/name hub id: the hub's answer is the whole story
+                raise
+            raise UserError(f"unknown model '{spec}': not a file or folder, not one of the built-in names "
+                            f"({', '.join(sorted(KNOWN_MODELS))}, default), and as a hub id: {error}") from None
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"{path}: cannot read it as a JSON config ({error})") from None
     return shape_from_config(config, str(spec))
+
+
+def run_config_settings(path: str | Path) -> tuple[str, dict]:
+    """``tuneforge estimate --model RUN.yaml``: the run's model (absolute when local) and the estimate settings the
+    run config implies, keyed like :data:`ESTIMATE_DEFAULTS` (plus ``lora_dropout``)."""
+    from tuneforge.config import load_config
+
+    config = load_config(path)
+    method = "full" if not config.lora.enabled else "qlora" if config.model.load_in == "4bit" else "lora"
+    dtype = config.model.compute_dtype if method == "qlora" else config.model.dtype
+    settings = {"method": method, "seq_len": config.data.max_length, "batch": config.train.batch_size,
+                "grad_checkpointing": config.train.gradient_checkpointing,
+                "checkpoint_fraction": config.train.checkpoint_fraction, "dtype": dtype,
+                "optimizer": "adamw8bit" if config.train.optimizer.endswith("adamw8bit") else "adamw",
+                "loss_chunk_size": config.train.loss_chunk_size}
+    if method != "full":
+        settings.update(lora_r=config.lora.r, lora_dropout=config.lora.dropout > 0)
+    return config.model.name_or_path, settings
 
 
 def _linears(shape: ModelShape) -> list[tuple[str, int, int]]:

@@ -26,9 +26,11 @@ def recipe_for(method: str) -> type:
     return PreferenceRecipe
 
 
-def run_recipe(config, overwrite: bool = False, log=print, resume: bool | str = False, force: bool = False) -> dict:
-    """Train ``config`` with the recipe of its method; returns the run's summary."""
+def run_recipe(config, overwrite: bool = False, log=print, resume: bool | str = False, force: bool = False,
+               show_progress: bool | None = None) -> dict:
+    """Train ``config`` with the recipe of its method; returns the run's summary. ``show_progress``: a progress
+    bar (None: when standard error is a terminal)."""
     from tuneforge.recipes.sft import run_recipe_class
 
     return run_recipe_class(recipe_for(config.method), config, overwrite=overwrite, log=log, resume=resume,
-                            force=force)
+                            force=force, show_progress=show_progress)

@@ -24,15 +24,22 @@ the rollout and of the first update must be the same numbers, or the ratio pi / 
 Evaluation generates greedily for the validation prompts and reports ``val_reward`` (mean total reward, with
 ``eval.metric: val_reward`` picking the best checkpoint, higher is better).
 
-Limits: sampling uses torch's global generator (seeded from ``train.seed``), so a resumed run does not redraw
-the same responses; generation runs on the unwrapped model, so FSDP is refused (DDP works). How to plug in a
+Randomness: sampling draws from ``sampling_generator``, a ``torch.Generator`` the run owns (seeded from
+``train.seed``, the same on every rank) and checkpoints (``TrainState.method_state``); each sampling call draws one
+seed per rank from it and rank r samples with the r-th (:class:`SamplingSettings` ``seed``), so ranks sample
+their own streams and a resumed run, on any number of ranks, redraws the responses the uninterrupted run drew.
+The prompt order is the data generator's and the mini-batch order a function of the seed and the step (both
+exact on resume); dropout is off.
+
+Limits: generation runs on the unwrapped model, so FSDP is refused (DDP works). How to plug in a
 faster generation engine: see ``docs/training.md`` ("Generation in online RL").
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,6 +51,7 @@ from tuneforge.data.dataset import epoch_order, global_groups
 from tuneforge.data.formats import Conversation, Message
 from tuneforge.data.prompts import PromptExample, read_prompt_data, tokenize_prompt_data
 from tuneforge.engine.distributed import no_sync
+from tuneforge.engine.metrics import is_log_step
 from tuneforge.engine.step import autocast
 from tuneforge.errors import ConfigError
 from tuneforge.eval.functions import RewardFunctions
@@ -54,6 +62,10 @@ from tuneforge.models.dropout import disable_dropout
 from tuneforge.recipes.sft import SFTRecipe
 
 REWARD_MODEL_KEY = "reward_model"  # the column of a reward model's score among the reward functions'
+SAMPLING_STATE_KEY = "sampling_generator"  # TrainState.method_state: the sampling generator's state (a byte list)
+# Offsets the sampling generator's seed from train.seed, which seeds the data order: two streams, not one twice.
+SAMPLING_SEED_OFFSET = 7919
+SEED_BOUND = 2 ** 63 - 1  # the per-call seeds are drawn from [0, SEED_BOUND)
 
 
 @dataclass
@@ -157,21 +169,40 @@ def reward_key(spec: str, specs: Sequence[str]) -> str:
 
 @dataclass
 class SamplingSettings:
-    """How one call samples: ``max_new_tokens``, and greedy or (temperature, top_p) sampling."""
+    """How one call samples: ``max_new_tokens``, greedy or (temperature, top_p) sampling, and ``seed``: what the
+    call's random draws are a function of (an engine seeds its sampler with it; None: torch's global generator)."""
 
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     greedy: bool = False
+    seed: int | None = None
+
+
+@contextmanager
+def seeded_global_rng(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Inside the block torch's global generators (the CPU's and ``device``'s) start from ``seed``; after it they
+    are as they were. HF ``generate`` samples only from the global generator: this makes its draws a function of
+    ``seed`` alone and leaves the run's global stream (dropout, user code; restored on resume) untouched. With
+    ``seed`` None nothing changes."""
+    if seed is None:
+        yield
+        return
+    accelerator = device.type != "cpu"
+    with torch.random.fork_rng(devices=[device] if accelerator else [],
+                               device_type=device.type if accelerator else None):
+        torch.manual_seed(seed)
+        yield
 
 
 class RolloutEngine(Protocol):
     """What online RL needs of a generation engine (the seam for a faster one, e.g. vLLM on a GPU).
 
     ``sample`` returns, for each prompt in order, ``generations`` responses as token ids: each ends at its first
-    stop token (kept) or after ``settings.max_new_tokens`` tokens. ``sync`` is called after each step's updates,
-    so an engine holding its own copy of the weights can take the new ones (the default engine generates with
-    the policy itself and has nothing to do).
+    stop token (kept) or after ``settings.max_new_tokens`` tokens; given the same weights, prompts and
+    ``settings.seed`` it should draw the same responses (what makes a resumed run exact). ``sync`` is called
+    after each step's updates, so an engine holding its own copy of the weights can take the new ones (the
+    default engine generates with the policy itself and has nothing to do).
     """
 
     def sample(self, prompts: Sequence[Sequence[int]], generations: int,
@@ -183,7 +214,7 @@ class RolloutEngine(Protocol):
 class HFEngine:
     """The default engine: transformers' ``generate`` on the policy being trained (LoRA adapter on), batched
     with left padding and a KV cache, in eval mode (activation checkpointing turns the cache off in training
-    mode); sampling draws from torch's global generator."""
+    mode); sampling draws from torch's global generators seeded with ``settings.seed`` (then put back)."""
 
     def __init__(self, model: torch.nn.Module, pad_id: int, stop_ids: Sequence[int], device: torch.device,
                  bf16: bool):
@@ -207,7 +238,7 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with autocast(self.device, self.bf16):
+            with autocast(self.device, self.bf16), seeded_global_rng(settings.seed, self.device):
                 sequences = self.model.generate(input_ids=input_ids, attention_mask=attention,
                                                 generation_config=config)
         finally:
@@ -256,10 +287,23 @@ class OnlineRLRecipe(SFTRecipe):
 
     def setup(self) -> None:
         super().setup()
-        if self.dist.enabled:
-            # Sampling draws from torch's global generator, seeded alike on every rank (and restored from rank 0's
-            # state on resume): give each rank its own stream, or ranks would sample correlated responses.
-            torch.manual_seed(self.config.train.seed + 7919 * (self.dist.rank + 1) + self.state.step)
+        # The same on every rank, so rank 0's checkpointed state resumes them all; see sampling_seed.
+        self.sampling_generator = torch.Generator().manual_seed(self.config.train.seed + SAMPLING_SEED_OFFSET)
+        saved = self.state.method_state.get(SAMPLING_STATE_KEY)
+        if saved:
+            self.sampling_generator.set_state(torch.tensor(saved, dtype=torch.uint8))
+        elif self.state.step:
+            self.log(f"note: the checkpoint of step {self.state.step} has no sampling generator state (an older "
+                     "run): responses from here on are drawn from a fresh stream, not the ones an uninterrupted run "
+                     "would have drawn")
+
+    def sampling_seed(self) -> int:
+        """The seed of one sampling call on this rank: the run's generator draws one per rank (the same draws on
+        every rank) and this rank takes its own, so ranks sample different responses. The generator's new state
+        goes into ``state.method_state`` at once, so any checkpoint carries the state that follows its step."""
+        seeds = torch.randint(0, SEED_BOUND, (self.dist.world_size,), generator=self.sampling_generator)
+        self.state.method_state[SAMPLING_STATE_KEY] = self.sampling_generator.get_state().tolist()
+        return int(seeds[self.dist.rank])
 
     # ------------------------------------------------------------------------------------------- data hooks
     def _read_data(self):
@@ -345,7 +389,9 @@ class OnlineRLRecipe(SFTRecipe):
         (B*G, T) 1 at response tokens (up to and including the first stop token), stopped (B*G,) True where the
         response ends with a stop token."""
         section = self.section
-        settings = SamplingSettings(section.max_new_tokens, section.temperature, section.top_p, greedy)
+        # Greedy decoding draws nothing: evaluation leaves the sampling stream where training has it.
+        settings = SamplingSettings(section.max_new_tokens, section.temperature, section.top_p, greedy,
+                                    seed=None if greedy else self.sampling_seed())
         responses = self.engine.sample([e.input_ids for e in examples], generations, settings)
         pad, stops = self.tokenizer.pad_token_id, set(self.stop_ids())
         prompts, _ = left_pad([e.input_ids for e in examples], pad)
@@ -425,7 +471,7 @@ class OnlineRLRecipe(SFTRecipe):
         """Called after the step's updates: shows one sampled response on logged steps (PPO also adapts its KL
         coefficient here)."""
         step = self.state.step + 1  # the step just trained (counted by the loop after this returns)
-        if step % self.config.train.log_every or not rollouts:
+        if not is_log_step(step, self.config.train.log_every, self.total_steps) or not rollouts:
             return
         samples = rollouts[0].samples
         self.log(f"step {step} sample (reward {float(samples.rewards[0]):.3g}): {samples.prompts[0][-80:]!r} -> "

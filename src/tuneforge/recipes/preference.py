@@ -33,6 +33,7 @@ from tuneforge.errors import UserError
 from tuneforge.losses import (PreferenceLoss, SequenceLogprobs, dpo_loss, kto_loss, orpo_odds_ratio_loss,
                               sequence_logprobs_from_hidden, simpo_loss)
 from tuneforge.models.adapters import decoder_and_head, is_peft
+from tuneforge.progress import progress
 from tuneforge.recipes.sft import SFTRecipe
 
 # Per-step statistics, summed over real pairs (or KTO examples) and divided by their count when logged.
@@ -151,18 +152,19 @@ class PreferenceRecipe(SFTRecipe):
         was_training = self.model.training
         self.model.eval()
         pad = self.tokenizer.pad_token_id
-        for examples in (self.data.train, self.data.validation):
-            batch_size = self.config.train.batch_size
-            for start in range(0, len(examples), batch_size):
-                chunk = examples[start:start + batch_size]
-                batch = make_preference_batches(chunk, batch_size, pad, shared_prompt=self.shared_prompt)[0]
-                logps = self._reference_logprobs(self.model, move(batch, self.device)).sums.cpu()
-                first, second = logps[:len(chunk)].tolist(), logps[len(chunk):2 * len(chunk)].tolist()
-                for example, a, b in zip(chunk, first, second):
-                    if self.unpaired:
-                        example.ref_logp, example.ref_kl_logp = a, b
-                    else:
-                        example.ref_chosen, example.ref_rejected = a, b
+        batch_size = self.config.train.batch_size
+        starts = [(examples, start) for examples in (self.data.train, self.data.validation)
+                  for start in range(0, len(examples), batch_size)]
+        for examples, start in progress(starts, "reference log-probs"):
+            chunk = examples[start:start + batch_size]
+            batch = make_preference_batches(chunk, batch_size, pad, shared_prompt=self.shared_prompt)[0]
+            logps = self._reference_logprobs(self.model, move(batch, self.device)).sums.cpu()
+            first, second = logps[:len(chunk)].tolist(), logps[len(chunk):2 * len(chunk)].tolist()
+            for example, a, b in zip(chunk, first, second):
+                if self.unpaired:
+                    example.ref_logp, example.ref_kl_logp = a, b
+                else:
+                    example.ref_chosen, example.ref_rejected = a, b
         self.model.train(was_training)
         self.log(f"reference log-probs precomputed for {len(self.data.train)} train and "
                  f"{len(self.data.validation)} validation {'examples' if self.unpaired else 'pairs'}")
@@ -330,7 +332,7 @@ class PreferenceRecipe(SFTRecipe):
         totals = None
         count = 0
         chosen_tokens = 0
-        for batch in batches:
+        for batch in progress(batches, "validation"):
             out = self.wrapped(move(batch, self.device))
             parts = [out["pair_loss"], out.get("nll", torch.zeros((), device=self.device)), *out["stats"]]
             row = torch.stack([p.float().reshape(()) for p in parts]).double()

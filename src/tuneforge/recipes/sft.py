@@ -25,6 +25,7 @@ import torch.distributed as dist
 from tuneforge.config import GENERATION_METRICS, GENERATION_PREFIX, DataConfig, RunConfig, save_config
 from tuneforge.data.collate import Batch
 from tuneforge.data.dataset import EpochBatches, make_batches
+from tuneforge.data.memory import InMemoryRows
 from tuneforge.data.prepare import read_data, tokenize_data
 from tuneforge.data.templates import load_template
 from tuneforge.engine import checkpoint as ckpt
@@ -32,15 +33,18 @@ from tuneforge.engine.distributed import (barrier, full_state, gather_optimizer_
                                           load_sharded_optimizer, load_sharded_weights, no_sync, reshard,
                                           to_float, wrap_model)
 from tuneforge.engine.early_stopping import overfitting_start, record_evaluation, should_stop
-from tuneforge.engine.metrics import MetricsLog
+from tuneforge.engine.lock import RunLock, lock_run_dir
+from tuneforge.engine.metrics import MetricsLog, is_log_step
 from tuneforge.engine.optim import build_optimizer, build_scheduler
 from tuneforge.engine.plots import plot_runs
+from tuneforge.engine.preflight import check_before_run
 from tuneforge.engine.rundir import check_run_dir, prepare_run_dir, save_run
 from tuneforge.engine.signals import StopRequest
 from tuneforge.engine.step import (autocast, bf16_autocast_enabled, lm_loss_sum, loss_and_perplexity, move,
                                    summed_eval_loss)
-from tuneforge.errors import ConfigError, DataError, UserError
+from tuneforge.errors import ConfigError, DataError, UserError, option
 from tuneforge.eval.evaluate import answer_metrics, check_patterns, generation_metrics
+from tuneforge.eval.environment import environment, peak_memory
 from tuneforge.eval.functions import RewardFunctions, load_callable
 from tuneforge.eval.heldout import HeldoutRow, read_heldout
 from tuneforge.inference import Generation, Generator
@@ -148,6 +152,7 @@ class SFTRecipe:
         self.resume = resume
         self.force = force
         self.run_dir: Path | None = None
+        self.run_lock: RunLock | None = None  # rank 0's lock on the run directory, from setup to the run's end
         self.history: list[dict] = []
         self.state = ckpt.TrainState()
         self._saved_steps: set[int] = set()  # checkpoints this process wrote (not those of an earlier run)
@@ -168,23 +173,16 @@ class SFTRecipe:
         config = self.config
         self.dist = init_distributed(config.distributed)
         output = Path(config.train.output_dir)
+        check_before_run(config, self.write_run_dir)  # loggers, output path: before anything is written or loaded
+        self.run_lock = lock_run_dir(output, self.dist, self.log) if self.write_run_dir else None
         resume_from = None
         branching = False  # resuming from another run's checkpoint into a new run directory
         if self.resume:
-            resume_from = ckpt.find_resume_checkpoint(output, self.resume if isinstance(self.resume, str) else None,
-                                                      self.log)
-            differences = ckpt.config_differences(ckpt.read_checkpoint_config(resume_from), config)
-            if differences and not self.force:
-                raise UserError(f"the config differs from the one of {resume_from} in what is trained: "
-                                + "; ".join(differences) + ". Resume with the same config, or pass --force")
-            saved_world = ckpt.read_checkpoint_state(resume_from).world_size
-            if saved_world != self.dist.world_size and not self.force:
-                raise UserError(f"{resume_from} was trained with {saved_world} process(es) and this run has "
-                                f"{self.dist.world_size}: the global batch would change. Resume with the same "
-                                "number of processes, or pass --force")
+            resume_from = ckpt.choose_resume_checkpoint(output, self.resume, config, self.dist, self.force, self.log,
+                                                        recover=self.write_run_dir)
             branching = resume_from.parent.resolve() != (output / ckpt.CHECKPOINTS).resolve()
         if self.write_run_dir and (resume_from is None or branching):
-            check_run_dir(output, self.overwrite)  # fail in a second, before data and model are loaded
+            check_run_dir(output, self.overwrite, self.log)  # fail in a second, before data and model are loaded
         seed_everything(config.train.seed)
         # Data first: every row is validated before the model is even looked up.
         read = self._read_data()
@@ -254,7 +252,7 @@ class SFTRecipe:
         path = evaluation.generation_data
         if not path:
             return
-        if not Path(path).exists():
+        if not isinstance(path, InMemoryRows) and not Path(path).exists():
             raise ConfigError(f"eval.generation_data: file {path} does not exist")
         rows = read_heldout(path, DataConfig(train=path, system_prompt=self.config.data.system_prompt)).rows
         rows = rows[:evaluation.generation_rows]
@@ -527,7 +525,7 @@ class SFTRecipe:
                 metrics.close()
         if stop_reason == "interrupted":
             self.log(f"stopped by {stop.requested} at step {state.step}; checkpoint saved. Resume with: "
-                     f"tuneforge train CONFIG --resume")
+                     f"{option('resume_command')}")
         return self._summary(stop_reason, stop.requested)
 
     def _train_epoch(self, metrics: MetricsLog, stop: StopRequest) -> str | None:
@@ -549,7 +547,7 @@ class SFTRecipe:
             interval_tokens += step_tokens
             self._losses_since_eval.append(loss.detach())
             metrics.advance()
-            if state.step % config.train.log_every == 0 or state.step == self.total_steps:
+            if is_log_step(state.step, config.train.log_every, self.total_steps):
                 # The only host reads of the step's numbers happen here, at log steps.
                 self.check_non_finite()
                 now = time.perf_counter()
@@ -592,7 +590,7 @@ class SFTRecipe:
         at log steps (and the last step), so the other steps have no collective and no host sync."""
         if not self.dist.enabled:
             return stop.requested is not None
-        if self.state.step % self.config.train.log_every and self.state.step < self.total_steps:
+        if not is_log_step(self.state.step, self.config.train.log_every, self.total_steps):
             return False
         flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
         dist.all_reduce(flag)
@@ -612,7 +610,7 @@ class SFTRecipe:
         try:
             with autocast(self.device, self.bf16):
                 answers = generator.generate_responses(prompts, evaluation.max_new_tokens,
-                                                       batch_size=self.config.train.batch_size)
+                                                       batch_size=self.config.train.batch_size, progress="answers")
         finally:
             self.model.train(was_training)
         if self.dist.enabled:
@@ -701,6 +699,8 @@ class SFTRecipe:
         last_eval = state.evaluations[-1] if state.evaluations else None
         if last_eval is not None:
             summary.update({key: value for key, value in last_eval.items() if key.startswith("val_")})
+        # What the run cost and ran on, for `tuneforge report` (eval.environment).
+        summary.update(peak_memory(self.device), environment=environment(self.device))
         return summary
 
     # ------------------------------------------------------------------------------------------------ save
@@ -737,13 +737,18 @@ class SFTRecipe:
 
 
 def run_recipe_class(recipe_class: type, config: RunConfig, overwrite: bool = False, log=print,
-                     resume: bool | str = False, force: bool = False) -> dict:
-    """setup, train, and save unless interrupted; returns the run's summary."""
-    recipe = recipe_class(config, overwrite=overwrite, log=log, resume=resume, force=force)
-    recipe.setup()
-    summary = recipe.train()
-    if summary["stop_reason"] != "interrupted":
-        recipe.save(summary)
+                     resume: bool | str = False, force: bool = False, show_progress: bool | None = None) -> dict:
+    """setup, train, and save unless interrupted; returns the run's summary. The lock is released on any exit."""
+    recipe = recipe_class(config, overwrite=overwrite, log=log, resume=resume, force=force,
+                          show_progress=show_progress)
+    try:
+        recipe.setup()
+        summary = recipe.train()
+        if summary["stop_reason"] != "interrupted":
+            recipe.save(summary)
+    finally:
+        if recipe.run_lock is not None:
+            recipe.run_lock.release()
     summary["run_dir"] = str(recipe.run_dir)
     return summary
 
