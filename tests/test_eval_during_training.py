@@ -139,7 +139,8 @@ def scripted_answers(monkeypatch):
     def install(evaluations: list[list[str]]):
         answers = iter(evaluations)
 
-        def generate_responses(self, conversations, max_new_tokens=64, temperature=0.0, top_p=1.0, batch_size=8):
+        def generate_responses(self, conversations, max_new_tokens=64, temperature=0.0, top_p=1.0, batch_size=8,
+                               progress=None):
             modes.append(self.model.training)
             texts = next(answers)
             assert len(texts) == len(conversations)

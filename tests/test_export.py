@@ -108,15 +108,15 @@ def test_cli_export_writes_a_file(tiny_model_dir, tmp_path):
     assert out.is_file() and not (tmp_path / "cli.gguf.partial").exists()
 
 
-def test_refuses_a_non_llama_model(tmp_path, tokenizer):
-    from transformers import MistralConfig, MistralForCausalLM
+def test_refuses_an_unsupported_architecture(tmp_path, tokenizer):
+    from transformers import Phi3Config, Phi3ForCausalLM
 
-    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=1)
-    MistralForCausalLM(config).save_pretrained(tmp_path / "mistral")
-    tokenizer.save_pretrained(tmp_path / "mistral")
-    with pytest.raises(UserError, match="Llama"):
-        export_gguf(str(tmp_path / "mistral"), tmp_path / "m.gguf")
+    config = Phi3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id)
+    Phi3ForCausalLM(config).save_pretrained(tmp_path / "phi3")
+    tokenizer.save_pretrained(tmp_path / "phi3")
+    with pytest.raises(UserError, match="'phi3' model; GGUF export supports llama, mistral, qwen2, qwen3 models"):
+        export_gguf(str(tmp_path / "phi3"), tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
 
 

@@ -9,6 +9,7 @@ same functions, so both front ends validate the same way and raise the same mess
     run.generate([{"role": "user", "content": "Hi"}])
     tf.evaluate(run, data=heldout_rows)          # the eval.json object of `tuneforge eval`
     tf.train("dpo", model=run, data=pairs)       # a run is a model wherever a model is accepted
+    run.push("me/my-model")                      # the adapter, tokenizer and model card, to the Hub
 
 Data (``data=``, ``validation=``, ``tf.evaluate``'s inputs) is a file path, a list of dicts, or a ``datasets``
 ``Dataset`` / ``DatasetDict``; rows in memory meet the validation of file rows (``tuneforge.data.memory``).
@@ -28,7 +29,9 @@ from pathlib import Path
 import yaml
 
 from tuneforge.config import RunConfig, config_from_dict, read_yaml_mapping
+from tuneforge.config_aliases import translate_aliases
 from tuneforge.data.memory import InMemoryRows
+from tuneforge.data.sources import DataSource, is_mixture, is_source_mapping
 from tuneforge.errors import ConfigError, DataError, UserError, python_api
 from tuneforge.paths import RUN_CONFIG_PATHS, overridden_keys, resolve_paths
 
@@ -105,6 +108,11 @@ class Run:
         """:func:`evaluate` this run (``data=``, ``pairs=``, ``metrics=``, ``compare=``...)."""
         return evaluate(self, **options)
 
+    def push(self, repo_id: str, merged: bool = False, private: bool = False, revision: str | None = None,
+             token: str | None = None, log: Log | None = print) -> str:
+        """:func:`push` this run to the Hub repo ``repo_id``; returns the commit's URL."""
+        return push(self, repo_id, merged=merged, private=private, revision=revision, token=token, log=log)
+
 
 def _model_spec(model) -> str:
     """A model argument as the config and the loaders take it: ``default``, a folder, a file, a hub id."""
@@ -129,8 +137,12 @@ def rows_value(value, key: str, kind: str | None = None):
     """A data argument as a config value: a path (kept as a string) or :class:`InMemoryRows` named after ``key``
     (``data.train (in-memory rows)``, ``data.train (Dataset)``) from a list (any iterable) of dicts, a
     ``datasets.Dataset`` or a pandas ``DataFrame``. ``kind`` overrides the name in brackets."""
-    if value is None or isinstance(value, (str, InMemoryRows)):
+    if value is None or isinstance(value, (str, InMemoryRows, DataSource)):
         return value
+    if is_source_mapping(value):  # {"path": rows or a path, "weight": 2, ...}: one source with options
+        return {**value, "path": rows_value(value["path"], f"{key}.path", kind)}
+    if is_mixture(value):  # a list of such mappings (a plain list of dicts is rows)
+        return [rows_value(item, f"{key}[{index}]", kind) for index, item in enumerate(value)]
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     module = _datasets_module()
@@ -207,11 +219,12 @@ def _start_values(config) -> dict:
     if isinstance(config, RunConfig):
         return config.to_dict()
     if isinstance(config, dict):
-        # Sections copied: the caller's dicts are never changed.
-        return {key: dict(value) if isinstance(value, dict) else value for key, value in config.items()}
+        # Sections copied: the caller's dicts are never changed. Hugging Face names become tuneforge keys first, so
+        # the sections given to train() override them as they do any key of the config.
+        return translate_aliases(config)
     if isinstance(config, (str, os.PathLike)):
         path = Path(config)
-        values = read_yaml_mapping(path, "config file", "the config must be a mapping of sections")
+        values = translate_aliases(read_yaml_mapping(path, "config file", "the config must be a mapping of sections"))
         return resolve_paths(values, path.parent, RUN_CONFIG_PATHS)
     raise ConfigError(f"config: expected a dict of sections or the path of a YAML config, got {type(config).__name__}")
 
@@ -243,7 +256,7 @@ def build_config(method: str | None = None, model=None, data=None, validation=No
         given["method"] = method
     if model is not None:
         given["model"] = {**given.get("model", {}), "name_or_path": _model_spec(model)}
-    if isinstance(data, dict):
+    if isinstance(data, dict) and not is_source_mapping(data):  # the data section, not one {"path": ...} source
         given["data"] = {**given.get("data", {}), **data}
     elif data is not None:
         given["data"] = {**given.get("data", {}), "train": data}
@@ -280,8 +293,10 @@ def train(method: str | None = None, *, model=None, data=None, validation=None, 
         model: ``"default"`` (the embedded SmolLM2-135M-Instruct), a Hugging Face folder, a ``.gguf`` file, a
             :class:`Run` (or its directory) or a hub id; None keeps ``config``'s (default ``"default"``).
         data: training rows: a list of dicts, a ``datasets.Dataset``, a ``DatasetDict`` (its ``train`` split;
-            its ``validation``, else ``test``, split validates unless ``validation`` is given), or the path of a
-            file. A dict is the ``data`` section instead (``data={"train": rows, "max_length": 256}``).
+            its ``validation``, else ``test``, split validates unless ``validation`` is given), the path of a
+            file or folder, a Hub dataset id (``"org/name"``), one source (``{"path": "org/name", "split":
+            "train", "columns": {...}}``) or a mixture (a list of such dicts with ``weight`` or ``fraction``; see
+            docs/data.md). Any other dict is the ``data`` section (``data={"train": rows, "max_length": 256}``).
         validation: validation rows, in any form ``data`` takes (default: none, or ``data.val_fraction``).
         output_dir: the run directory (``train.output_dir``); default ``runs/<method>-<date>-<time>``.
         overwrite: replace an existing run directory (else it is refused).
@@ -424,4 +439,30 @@ def evaluate(model, data=None, pairs=None, harmful=None, benign=None, metrics: l
     return report
 
 
-__all__ = ["Run", "train", "load", "generate", "evaluate", "build_config", "run_training"]
+# --------------------------------------------------------------------------------------------------------- hub
+def push(model, repo_id: str, merged: bool = False, private: bool = False, revision: str | None = None,
+         token: str | None = None, log: Log | None = print) -> str:
+    """Upload a run (or a model folder) to the Hugging Face Hub, as ``tuneforge push`` does; returns the URL of the
+    commit.
+
+    Args:
+        model: a :class:`Run` or its directory (a LoRA run uploads its adapter, tokenizer and model card; a full
+            run its model), or a model folder (uploaded as it is, plus a card when it has no README.md).
+        repo_id: ``OWNER/NAME`` of the model repo, created when missing.
+        merged: upload the LoRA run merged into its base (a plain transformers model) instead of the adapter.
+        private: create the repo private (an existing repo keeps its visibility).
+        revision: the branch to commit to, created when missing (default: ``main``).
+        token: a Hugging Face token (default: ``HF_TOKEN``, else the one ``hf auth login`` saved).
+
+    Raises:
+        UserError: no token, the hub unreachable (both before any model work, in seconds), the hub refusing the
+            upload, or a source that is neither a run nor a model folder.
+    """
+    from tuneforge.models.push import push as push_to_hub
+
+    with python_api():
+        return push_to_hub(_model_spec(model), repo_id, merged=merged, private=private, revision=revision,
+                           token=token, log=log or _quiet)
+
+
+__all__ = ["Run", "train", "load", "generate", "evaluate", "push", "build_config", "run_training"]

@@ -45,7 +45,8 @@ def _plot(args) -> int:
 def _preview(args) -> int:
     from tuneforge.config import load_config
     from tuneforge.data.dataset import DataReport, load_conversations, tokenize_conversations
-    from tuneforge.data.preview import render_example
+    from tuneforge.data.mixture import tokenize_sources
+    from tuneforge.data.preview import preview_rows, render_example
     from tuneforge.data.templates import load_template
     from tuneforge.models.loading import load_tokenizer, resolve_model
 
@@ -58,12 +59,13 @@ def _preview(args) -> int:
     conversations = load_conversations(config.data.train, config.data, report)
     tokenizer = load_tokenizer(resolve_model(config.model.name_or_path))
     template = load_template(config.data.template, tokenizer)
-    examples = tokenize_conversations(conversations, template, tokenizer, config.data, report)
+    examples = tokenize_sources(conversations, report, lambda rows, counts: tokenize_conversations(
+        rows, template, tokenizer, config.data, counts))
     colour = sys.stdout.isatty() and not args.no_color
     print(f"template: {template.name}; trained tokens are "
           + ("shown in green" if colour else "between [[ and ]]"))
-    for example in examples[: args.n]:
-        print(f"--- row {example.row} ({len(example.input_ids)} tokens, {example.num_trained} trained"
+    for heading, example in preview_rows(examples, args.n, report):
+        print(f"--- {heading} ({len(example.input_ids)} tokens, {example.num_trained} trained"
               f"{', truncated' if example.truncated else ''})")
         print(render_example(example, tokenizer, colour))
     print("---")
@@ -75,7 +77,8 @@ def _preview(args) -> int:
 def _preview_preference(args, config) -> int:
     from tuneforge.data.dataset import DataReport
     from tuneforge.data.preference import load_preference_rows, tokenize_pairs, tokenize_unpaired
-    from tuneforge.data.preview import render_pair, render_unpaired
+    from tuneforge.data.mixture import tokenize_sources
+    from tuneforge.data.preview import preview_rows, render_pair, render_unpaired
     from tuneforge.data.templates import load_template
     from tuneforge.models.loading import load_tokenizer, resolve_model
 
@@ -85,12 +88,13 @@ def _preview_preference(args, config) -> int:
     tokenizer = load_tokenizer(resolve_model(config.model.name_or_path))
     template = load_template(config.data.template, tokenizer)
     tokenize = tokenize_unpaired if unpaired else tokenize_pairs
-    examples = tokenize(rows, template, tokenizer, config.data, report)
+    examples = tokenize_sources(rows, report, lambda items, counts: tokenize(items, template, tokenizer, config.data,
+                                                                             counts))
     colour = sys.stdout.isatty() and not args.no_color
     print(f"method: {config.method}; template: {template.name}; response tokens (the ones scored) are "
           + ("shown in green" if colour else "between [[ and ]]"))
-    for example in examples[: args.n]:
-        print(f"--- row {example.row}")
+    for heading, example in preview_rows(examples, args.n, report):
+        print(f"--- {heading}")
         print(render_unpaired(example, tokenizer, colour) if unpaired else render_pair(example, tokenizer, colour))
     print("---")
     for line in report.lines():
@@ -236,6 +240,15 @@ def _export(args) -> int:
 
     out = export_gguf(args.model, args.out_file, dtype=args.dtype)
     print(f"exported {args.model} to {out} ({args.format}, {args.dtype})")
+    return 0
+
+
+def _push(args) -> int:
+    from tuneforge.models.push import push
+
+    url = push(args.source, args.repo_id, merged=args.merged, private=args.private, revision=args.revision,
+               log=lambda message: print(message, file=sys.stderr, flush=True))
+    print(f"pushed {args.source} to {url}")
     return 0
 
 
@@ -415,9 +428,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("model", help="a run directory, a Hugging Face folder or hub id, or a .gguf file")
     export.add_argument("--format", required=True, choices=["gguf"], help="output format")
     export.add_argument("out_file", help="new file to write (never overwritten)")
-    export.add_argument("--dtype", default="f16", choices=["f32", "f16"],
-                        help="storage type of the weight matrices (default f16; f32 is exact)")
+    export.add_argument("--dtype", default="f16", choices=["f32", "f16", "q8_0", "q4_0"],
+                        help="storage type of the weight matrices (default f16; f32 is exact; q8_0 and q4_0 are "
+                             "llama.cpp's 8- and 4-bit block types)")
     export.set_defaults(func=_export)
+
+    push = verbs.add_parser("push", help="upload a run (adapter, or merged) or a model folder to the Hugging Face Hub",
+                            description="Upload a LoRA run's adapter with its tokenizer (training chat template) and "
+                                        "model card, the run merged into its base (--merged), a full run's model, or "
+                                        "a model folder (plus a card when it has none). Needs a token (HF_TOKEN or "
+                                        "`hf auth login`); fails in seconds without one or without a network.")
+    push.add_argument("source", metavar="RUN_OR_FOLDER", help="a run directory or a model folder")
+    push.add_argument("repo_id", metavar="REPO_ID", help="OWNER/NAME of the model repo (created when missing)")
+    push.add_argument("--merged", action="store_true", help="merge a LoRA run into its base and upload that")
+    push.add_argument("--private", action="store_true", help="create the repo private (an existing one keeps its "
+                                                             "visibility)")
+    push.add_argument("--revision", help="branch to commit to, created when missing (default main)")
+    push.set_defaults(func=_push)
 
     score = verbs.add_parser("score", help="score rows with a reward model; prints JSONL with the scores",
                              description="Score each row of a data file with a reward model (a method: reward run). "

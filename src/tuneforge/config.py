@@ -20,7 +20,9 @@ from typing import Any, Literal, Optional, get_args, get_origin
 
 import yaml
 
+from tuneforge.config_aliases import describe_aliases, translate_aliases, translate_overrides
 from tuneforge.data.memory import InMemoryRows, recorded
+from tuneforge.data.sources import check_data_value
 from tuneforge.errors import ConfigError
 # Where paths in a config are resolved (relative to the config file, or to the working directory for overrides).
 from tuneforge.paths import (DEFAULT_MODEL, RUN_CONFIG_PATHS, TEMPLATE_NAMES, TEMPLATE_SUFFIXES,  # noqa: F401
@@ -61,9 +63,12 @@ class DataConfig:
     """Where the rows come from and how they become token ids and labels.
 
     Attributes:
-        train: path of the training file (JSONL, JSON, CSV, Parquet, or a folder saved by ``datasets``); from
-            Python (``tuneforge.train``) also a list of dicts or a ``datasets.Dataset``.
-        validation: optional separate validation file (or, from Python, rows as for ``train``).
+        train: the training data: a file (JSONL, JSON, CSV, Parquet), a folder (saved by ``datasets``, or laid out
+            like a Hub dataset repo), a Hub dataset id (``org/name``), a source mapping (``{path, split, subset,
+            revision, data_files, columns, roles, format, template, name}``) or a list of them with ``weight`` or
+            ``fraction`` (a mixture; see ``tuneforge.data.sources``); from Python also a list of dicts or a
+            ``datasets.Dataset``.
+        validation: optional separate validation data (the same forms as ``train``).
         val_fraction: fraction of the training rows held out for validation when ``validation`` is unset.
         format: row format; ``auto`` detects it from the row's keys.
         template: ``auto`` (the tokenizer's chat template if it has one, else ``chatml``), ``tokenizer``,
@@ -84,10 +89,12 @@ class DataConfig:
         shared_prompt: preference pairs (dpo, simpo, orpo): one sequence per pair, prompt + chosen + rejected,
             with rejected attending to the prompt but not to chosen, so the prompt's forward and backward run once
             instead of twice. Exact (the same log-probs and gradients as two rows); ``false`` runs two rows.
+        streaming: read ``train`` as training reaches it, for data larger than memory (method sft; a .jsonl or
+            .parquet file or a Hub dataset; needs ``train.max_steps``; see ``tuneforge.data.streaming``).
     """
 
-    train: str = ""
-    validation: Optional[str] = None
+    train: Any = ""  # checked by tuneforge.data.sources.check_data_value
+    validation: Any = None
     val_fraction: float = 0.0
     format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"] = "auto"
     template: str = "auto"
@@ -100,6 +107,7 @@ class DataConfig:
     shuffle: bool = True
     group_by_length: bool = False
     shared_prompt: bool = True
+    streaming: bool = False
 
 
 @dataclass
@@ -230,7 +238,7 @@ class EvalConfig:
     min_delta: float = 0.0
     final: Literal["best", "last"] = "best"
     at_start: bool = False
-    generation_data: Optional[str] = None
+    generation_data: Any = None  # the forms of data.train (tuneforge.data.sources)
     generation_metrics: list = field(default_factory=lambda: [
         "exact_match", "contains", "token_f1", "rouge_l", "stopped_rate", "mean_response_words"])
     generation_rows: int = 32
@@ -309,8 +317,9 @@ class LogConfig:
     """Extra loggers; ``RUN_DIR/metrics.jsonl`` is always written.
 
     Attributes:
-        loggers: any of ``tensorboard``, ``wandb``, ``mlflow`` (each needs its package installed).
-        project: project / experiment name for wandb and mlflow.
+        loggers: any of ``tensorboard``, ``wandb``, ``mlflow``, ``trackio`` (each needs its package installed);
+            each logs the run's config as hyperparameters.
+        project: project / experiment name for wandb, mlflow and trackio.
     """
 
     loggers: list = field(default_factory=list)
@@ -684,7 +693,7 @@ def _check_ranges(config: RunConfig) -> None:
                           "val_perplexity or another logged val_* metric")
     config.eval.check(config.method, bool(config.data.validation) or config.data.val_fraction > 0,
                       config.distributed.strategy)
-    known_loggers = ("tensorboard", "wandb", "mlflow")
+    known_loggers = ("tensorboard", "wandb", "mlflow", "trackio")
     for name in config.log.loggers:
         if name not in known_loggers:
             raise ConfigError(f"log.loggers: unknown logger {name!r}; use any of {', '.join(known_loggers)}")
@@ -712,6 +721,10 @@ def _check_method(config: RunConfig) -> None:
     if config.method != "sft" and config.data.train_on_prompt:
         raise ConfigError(f"data.train_on_prompt: method {config.method} scores the responses only")
     _check_performance_options(config)
+    if config.data.streaming:
+        from tuneforge.data.streaming import check_streaming  # torch and the data stack: only when asked
+
+        check_streaming(config)
     if config.method in ONLINE_METHODS:
         _check_online(config)
 
@@ -815,10 +828,11 @@ def config_from_dict(values: dict) -> RunConfig:
     """Build and validate a :class:`RunConfig`; raises :class:`ConfigError` naming the offending key."""
     if not isinstance(values, dict):
         raise ConfigError(f"the config must be a mapping of sections, got {type(values).__name__}")
-    config = _build(RunConfig, values, "")
+    config = _build(RunConfig, translate_aliases(values), "")  # Hugging Face names (learning_rate) first
     _check_ranges(config)
-    if not config.data.train:
-        raise ConfigError("data.train: no training file given (set data.train in the config or data.train=PATH)")
+    check_data_value(config.data.train, "data.train", required=True)
+    check_data_value(config.data.validation, "data.validation")
+    check_data_value(config.eval.generation_data, "eval.generation_data")
     return config
 
 
@@ -845,9 +859,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     values: dict = {}
     if path is not None:
         path = Path(path)
-        values = read_yaml_mapping(path, "config file", "the config must be a mapping of sections")
+        values = translate_aliases(read_yaml_mapping(path, "config file", "the config must be a mapping of sections"))
         values = resolve_paths(values, path.parent, RUN_CONFIG_PATHS)
-    overrides = overrides or []
+    overrides = translate_overrides(overrides or [])  # before the paths they set are resolved
     values = apply_overrides(values, overrides)
     changed = overridden_keys(RUN_CONFIG_PATHS, [".".join(parse_override(text)[0]) for text in overrides])
     values = resolve_paths(values, Path.cwd(), RUN_CONFIG_PATHS, only=changed)
@@ -875,4 +889,4 @@ def describe_options() -> str:
             else:
                 kind = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
             lines.append(f"  {section.name}.{f.name} ({kind}) = {default!r}")
-    return "\n".join(lines)
+    return "\n".join(lines) + describe_aliases()

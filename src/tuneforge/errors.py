@@ -14,9 +14,9 @@ USER_ERROR_EXIT_CODE = 2
 # How a message names an option of `tuneforge train`: as the front end in use spells it. Messages are written once,
 # with option("overwrite") where the flag goes; the Python API runs under python_api() and reads its own words.
 _OPTION_WORDS = {
-    "cli": {"overwrite": "--overwrite", "resume": "--resume", "force": "--force",
+    "cli": {"overwrite": "--overwrite", "resume": "--resume", "force": "--force", "merged": "--merged",
             "resume_command": "tuneforge train CONFIG --resume"},
-    "api": {"overwrite": "overwrite=True", "resume": "resume=True", "force": "force=True",
+    "api": {"overwrite": "overwrite=True", "resume": "resume=True", "force": "force=True", "merged": "merged=True",
             "resume_command": "tuneforge.train(...) again with the same arguments and resume=True"},
 }
 _FRONT_END: contextvars.ContextVar[str] = contextvars.ContextVar("tuneforge_front_end", default="cli")

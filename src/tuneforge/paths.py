@@ -10,7 +10,9 @@ Not every value of a path-valued key is a path. A model value (``model.name_or_p
 model) may be ``default`` or a hub id (``org/name``): it stays as written unless a file or folder of that name
 exists relative to the base, or it looks like a path (:func:`looks_like_path`), which is then made absolute so
 that a missing one is reported with the place it was looked for. A template may be a built-in name, and a
-function spec may name a module (``package.module:function``) rather than a file (``file.py:function``).
+function spec may name a module (``package.module:function``) rather than a file (``file.py:function``). A data
+value (``data.train``, ``eval.generation_data``, an eval's ``data`` / ``pairs``) may be a Hub dataset id
+(:func:`looks_like_hub_dataset`), a source mapping or a mixture (``tuneforge.data.sources``).
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ PATH_RULE = "relative paths in a config file are relative to that file; on the c
 # The path-valued keys of a run config (dotted) and of an eval config, each with its kind (see RESOLVERS).
 RUN_CONFIG_PATHS = {
     "model.name_or_path": "model",
-    "data.train": "path",
-    "data.validation": "path",
+    "data.train": "data",
+    "data.validation": "data",
     "data.template": "template",
     "train.output_dir": "path",
-    "eval.generation_data": "path",
+    "eval.generation_data": "data",
     "eval.generation_metrics": "function",
     "grpo.reward_functions": "function",
     "grpo.reward_model": "model",
@@ -45,8 +47,8 @@ EVAL_CONFIG_PATHS = {
     "model": "model",
     "compare": "model",
     "judge": "model",
-    "data": "path",
-    "pairs": "path",
+    "data": "data",
+    "pairs": "data",
     "harmful": "path",
     "benign": "path",
     "template": "template",
@@ -108,8 +110,39 @@ def _function(value: str, base: Path) -> str:
     return ",".join(parts)
 
 
+# Suffixes of the data files tuneforge reads: a data value ending so is a file, never a Hub dataset id.
+DATA_FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet", ".arrow")
+
+
+def looks_like_hub_dataset(value: str, base: str | Path | None = None) -> bool:
+    """Whether a data value names a Hub dataset (``org/name``) rather than a local file or folder: exactly one
+    ``/``, no data-file suffix, and nothing of that name (nor its ``org`` folder) under ``base``."""
+    if not isinstance(value, str) or value.count("/") != 1 or value.startswith(("./", "/", "~")) or "\\" in value:
+        return False
+    if Path(value).suffix.lower() in DATA_FILE_SUFFIXES:
+        return False
+    return not (Path(base or ".") / value).exists() and not looks_like_path(value, base)
+
+
+def _data(value, base: Path):
+    """A data value (``data.train``...): a path is made absolute, a Hub id stays; in a source mapping (and in each
+    entry of a mixture) its ``path`` follows the same rule and its ``template`` the template rule."""
+    if isinstance(value, str):
+        return value if not value or looks_like_hub_dataset(value, base) else absolute(value, base)
+    if isinstance(value, list):
+        return [_data(item, base) for item in value]
+    if isinstance(value, dict) and "path" in value:
+        out = dict(value)
+        if isinstance(out["path"], str):
+            out["path"] = _data(out["path"], base)
+        if isinstance(out.get("template"), str):
+            out["template"] = _template(out["template"], base)
+        return out
+    return value  # rows in memory, or a value config validation refuses
+
+
 RESOLVERS: dict[str, Callable[[str, Path], str]] = {"path": _path, "model": _model, "template": _template,
-                                                    "function": _function}
+                                                    "function": _function, "data": _data}
 
 
 def resolve_paths(values: dict, base: str | Path, keys: Mapping[str, str], only: set[str] | None = None) -> dict:
@@ -127,7 +160,9 @@ def resolve_paths(values: dict, base: str | Path, keys: Mapping[str, str], only:
         if not isinstance(node, dict) or name not in node:
             continue
         fix, value = RESOLVERS[kind], node[name]
-        if isinstance(value, str):
+        if kind == "data":  # a path, a Hub id, a source mapping or a list of them
+            node[name] = fix(value, Path(base))
+        elif isinstance(value, str):
             node[name] = fix(value, Path(base))
         elif isinstance(value, list):
             node[name] = [fix(item, Path(base)) if isinstance(item, str) else item for item in value]

@@ -15,7 +15,9 @@ import torch
 from tuneforge.config import DataConfig
 from tuneforge.data.collate import Batch, collate_packed, collate_padded, pack_examples, placeholder_example
 from tuneforge.data.formats import Conversation, to_conversation
-from tuneforge.data.readers import BadRow, read_rows
+from tuneforge.data.mixture import is_source_value, load_sources, source_name, weight_note
+from tuneforge.data.readers import BadRow, Row, read_rows
+from tuneforge.data.sources import DataSource
 from tuneforge.data.templates import Template
 from tuneforge.data.tokenize import Example, encode_conversation
 from tuneforge.errors import DataError, TemplateError, UserError
@@ -23,7 +25,13 @@ from tuneforge.errors import DataError, TemplateError, UserError
 
 @dataclass
 class DataReport:
-    """What happened to the rows of one file."""
+    """What happened to the rows of one file (or source, or mixture of sources).
+
+    ``sources`` holds one report per source of a mixture (``tuneforge.data.mixture``), this one the totals;
+    ``spec`` is the source a sub-report belongs to and ``mixed`` the rows its ``weight`` / ``fraction`` put in the
+    mix (None when there is no mixture). ``kept`` and the token counts are over the mixed rows: a row of weight 2
+    counts twice.
+    """
 
     path: str = ""
     rows: int = 0
@@ -32,80 +40,113 @@ class DataReport:
     truncated: int = 0
     tokens: int = 0
     trained_tokens: int = 0
+    sources: list = field(default_factory=list)
+    spec: DataSource | None = None
+    mixed: int | None = None
 
     def lines(self) -> list[str]:
-        out = [f"{self.path}: {self.rows} rows, {self.kept} kept, {self.tokens} tokens, "
+        mixed = f", {self.mixed} in the mix{weight_note(self.spec)}" if self.mixed is not None else ""
+        out = [f"{self.path}: {self.rows} rows{mixed}, {self.kept} kept, {self.tokens} tokens, "
                f"{self.trained_tokens} trained tokens, {self.truncated} truncated rows"]
         for reason, count in sorted(self.dropped.items()):
             out.append(f"  dropped {count} row(s): {reason}")
+        for sub in self.sources:
+            out += ["  " + line for line in sub.lines()]
         return out
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "rows": self.rows, "kept": self.kept, "dropped": dict(self.dropped),
-                "truncated": self.truncated, "tokens": self.tokens, "trained_tokens": self.trained_tokens}
+        out = {"path": self.path, "rows": self.rows, "kept": self.kept, "dropped": dict(self.dropped),
+               "truncated": self.truncated, "tokens": self.tokens, "trained_tokens": self.trained_tokens}
+        if self.spec is not None:
+            out.update(weight=self.spec.weight, fraction=self.spec.fraction)
+        if self.mixed is not None:
+            out["mixed"] = self.mixed
+        if self.sources:
+            out["sources"] = [sub.to_dict() for sub in self.sources]
+        return out
 
 
-def load_conversations(path: str, config: DataConfig, report: DataReport) -> list[Conversation]:
-    """Read and validate every row of ``path``. In ``raise`` mode the first bad row raises its
-    :class:`DataError`; in ``skip`` mode it is counted in ``report.dropped`` by reason."""
-    report.path = str(path)
+def load_conversations(path, config: DataConfig, report: DataReport) -> list[Conversation]:
+    """Read and validate every row of ``path`` (a path, a Hub id, rows in memory, a
+    :class:`~tuneforge.data.sources.DataSource`, or a source mapping or mixture, read source by source). In
+    ``raise`` mode the first bad row raises its :class:`DataError`; in ``skip`` mode it is counted in
+    ``report.dropped`` by reason."""
+    if is_source_value(path):
+        return load_sources(path, config, report, load_conversations)
+    report.path = source_name(path)
     conversations = []
     for row in read_rows(path):
-        report.rows += 1
-        try:
-            if isinstance(row, BadRow):
-                raise row.error
-            conversations.append(to_conversation(row.fields, config.format, str(path), row.number,
-                                                 config.system_prompt))
-        except DataError as error:
-            if config.on_error == "raise":
-                raise
-            report.dropped[error.reason] += 1
+        conversation = validate_row(row, report.path, config, report)
+        if conversation is not None:
+            conversations.append(conversation)
     if not conversations:
-        raise UserError(f"{path}: no usable rows ({report.rows} read"
+        raise UserError(f"{report.path}: no usable rows ({report.rows} read"
                         + (f", dropped: {dict(report.dropped)})" if report.dropped else ")"))
     return conversations
 
 
+def validate_row(row: Row | BadRow, path: str, config: DataConfig, report: DataReport) -> Conversation | None:
+    """One row read from ``path`` as a conversation, counted in ``report.rows``. A bad row raises its
+    :class:`DataError` (``on_error=raise``) or is counted in ``report.dropped`` and gives None."""
+    report.rows += 1
+    try:
+        if isinstance(row, BadRow):
+            raise row.error
+        return to_conversation(row.fields, config.format, path, row.number, config.system_prompt)
+    except DataError as error:
+        if config.on_error == "raise":
+            raise
+        report.dropped[error.reason] += 1
+        return None
+
+
 def tokenize_conversations(conversations: list[Conversation], template: Template, tokenizer,
                            config: DataConfig, report: DataReport) -> list[Example]:
-    """Tokenise and apply the truncation policy; rows that would lose a whole response are dropped (counted)
-    or raise, by ``data.on_truncation``. A row the template cannot render raises or is counted, by
-    ``data.on_error``."""
+    """Tokenise and apply the truncation policy (:func:`encode_example`) to every conversation."""
     examples = []
-    template_error = ""
+    template_errors: list[str] = []
     for conversation in conversations:
-        try:
-            example = encode_conversation(conversation, template, tokenizer, config.max_length,
-                                          config.train_on_prompt)
-        except TemplateError as exc:
-            # A chat template may reject one row (e.g. roles that do not alternate): name the row.
-            if config.on_error == "raise":
-                raise DataError(conversation.source, conversation.row, None, str(exc), "template_failed") from None
-            report.dropped["template_failed"] += 1
-            template_error = template_error or f" (first template error: {exc})"
-            continue
-        if example.responses_lost:
-            if config.on_truncation == "raise":
-                raise DataError(conversation.source, conversation.row, None,
-                                f"longer than data.max_length={config.max_length} tokens: truncation would remove "
-                                f"{example.responses_lost} whole response(s); raise data.max_length or set "
-                                "data.on_truncation=drop", "response_truncated_away")
-            report.dropped["response_truncated_away"] += 1
-            continue
-        if example.num_trained == 0:
-            # A row with nothing to learn would add a silent zero to the loss.
-            report.dropped["no_trained_tokens"] += 1
-            continue
-        report.truncated += int(example.truncated)
-        report.tokens += len(example.input_ids)
-        report.trained_tokens += example.num_trained
-        examples.append(example)
+        example = encode_example(conversation, template, tokenizer, config, report, template_errors)
+        if example is not None:
+            examples.append(example)
     report.kept = len(examples)
     if not examples:
         raise UserError(f"{report.path}: no rows left after tokenisation (dropped: {dict(report.dropped)})"
-                        + template_error)
+                        + (f" (first template error: {template_errors[0]})" if template_errors else ""))
     return examples
+
+
+def encode_example(conversation: Conversation, template: Template, tokenizer, config: DataConfig,
+                   report: DataReport, template_errors: list[str] | None = None) -> Example | None:
+    """One conversation tokenised, its tokens counted in ``report``; None when dropped (counted by reason). A row
+    that would lose a whole response is dropped or raises, by ``data.on_truncation``; a row the template cannot
+    render raises or is dropped, by ``data.on_error`` (the first such message goes into ``template_errors``)."""
+    try:
+        example = encode_conversation(conversation, template, tokenizer, config.max_length, config.train_on_prompt)
+    except TemplateError as exc:
+        # A chat template may reject one row (e.g. roles that do not alternate): name the row.
+        if config.on_error == "raise":
+            raise DataError(conversation.source, conversation.row, None, str(exc), "template_failed") from None
+        report.dropped["template_failed"] += 1
+        if template_errors is not None and not template_errors:
+            template_errors.append(str(exc))
+        return None
+    if example.responses_lost:
+        if config.on_truncation == "raise":
+            raise DataError(conversation.source, conversation.row, None,
+                            f"longer than data.max_length={config.max_length} tokens: truncation would remove "
+                            f"{example.responses_lost} whole response(s); raise data.max_length or set "
+                            "data.on_truncation=drop", "response_truncated_away")
+        report.dropped["response_truncated_away"] += 1
+        return None
+    if example.num_trained == 0:
+        # A row with nothing to learn would add a silent zero to the loss.
+        report.dropped["no_trained_tokens"] += 1
+        return None
+    report.truncated += int(example.truncated)
+    report.tokens += len(example.input_ids)
+    report.trained_tokens += example.num_trained
+    return example
 
 
 def split_validation(conversations: list[Conversation], fraction: float, seed: int

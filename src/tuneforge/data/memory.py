@@ -59,5 +59,10 @@ def is_placeholder(value: object) -> bool:
 
 
 def recorded(value: object) -> object:
-    """``value`` as a saved config or eval.json records it: in-memory rows become their placeholder."""
+    """``value`` as a saved config or eval.json records it: in-memory rows become their placeholder (also as the
+    ``path`` of a source mapping, or of a mixture's entries)."""
+    if isinstance(value, list):
+        return [recorded(item) for item in value]
+    if isinstance(value, dict) and "path" in value:
+        return {**value, "path": recorded(value["path"])}
     return value.placeholder if isinstance(value, InMemoryRows) else value

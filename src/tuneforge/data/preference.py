@@ -32,6 +32,7 @@ both sides.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ from tuneforge.config import DataConfig
 from tuneforge.data.collate import Batch, collate_padded, next_token_targets, placeholder_example
 from tuneforge.data.dataset import DataReport, RankBatches, epoch_order, global_groups
 from tuneforge.data.formats import ROLES, Conversation, Message, _check_structure, _Checker
+from tuneforge.data.mixture import is_source_value, load_sources, source_name
 from tuneforge.data.readers import BadRow, read_rows
 from tuneforge.data.templates import Template
 from tuneforge.data.tokenize import Example, encode_conversation
@@ -280,7 +282,9 @@ def load_preference_rows(path, config: DataConfig, report: DataReport, unpaired:
         raise UserError(f"data.format={config.format!r} names an SFT row format; preference data is recognised "
                         "from its keys (prompt/chosen/rejected, or prompt/completion/label): set data.format to "
                         "auto")
-    report.path = str(path)
+    if is_source_value(path):
+        return load_sources(path, config, report, functools.partial(load_preference_rows, unpaired=unpaired))
+    report.path = name = source_name(path)
     items: list = []
     for row in read_rows(path):
         report.rows += 1
@@ -288,15 +292,15 @@ def load_preference_rows(path, config: DataConfig, report: DataReport, unpaired:
             if isinstance(row, BadRow):
                 raise row.error
             if unpaired:
-                items += to_unpaired_rows(row.fields, str(path), row.number, config.system_prompt)
+                items += to_unpaired_rows(row.fields, name, row.number, config.system_prompt)
             else:
-                items.append(to_preference_row(row.fields, str(path), row.number, config.system_prompt))
+                items.append(to_preference_row(row.fields, name, row.number, config.system_prompt))
         except DataError as error:
             if config.on_error == "raise":
                 raise
             report.dropped[error.reason] += 1
     if not items:
-        raise UserError(f"{path}: no usable rows ({report.rows} read"
+        raise UserError(f"{name}: no usable rows ({report.rows} read"
                         + (f", dropped: {dict(report.dropped)})" if report.dropped else ")"))
     return items
 

@@ -58,3 +58,22 @@ def render_unpaired(example: UnpairedExample, tokenizer, colour: bool = False) -
     completion = render_example(_continuation(example.example, example.prompt_length), tokenizer, colour)
     heading = "desirable:" if example.desirable else "undesirable:"
     return "\n".join([prompt.rstrip("\n"), heading, completion.rstrip("\n")])
+
+
+def preview_rows(examples: list, count: int, report) -> list[tuple[str, object]]:
+    """The first ``count`` examples with their headings (``row 3``); for a mixture (``report.sources``), taken from
+    the sources in turn and headed ``row 3 of SOURCE``, so a preview shows every source and which row is whose."""
+    def source_of(example) -> str:
+        inner = getattr(example, "chosen", None) or getattr(example, "example", None) or example
+        return getattr(inner, "source", "")
+
+    if not report.sources:
+        return [(f"row {example.row}", example) for example in examples[:count]]
+    queues = {sub.path: [e for e in examples if source_of(e) == sub.path] for sub in report.sources}
+    chosen: list[tuple[str, object]] = []
+    while len(chosen) < count and any(queues.values()):
+        for name, queue in queues.items():
+            if queue and len(chosen) < count:
+                example = queue.pop(0)
+                chosen.append((f"row {example.row} of {name}", example))
+    return chosen

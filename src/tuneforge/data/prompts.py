@@ -18,7 +18,8 @@ from tuneforge.config import DataConfig, RunConfig
 from tuneforge.data.dataset import DataReport
 from tuneforge.data.formats import Conversation, Message, _Checker
 from tuneforge.data.preference import _add_system, _explicit_prompt
-from tuneforge.data.prepare import PreparedData, ReadData, read_data, tokenize_split
+from tuneforge.data.mixture import is_source_value, load_sources, source_name
+from tuneforge.data.prepare import PreparedData, ReadData, per_source_template, read_data, tokenize_split
 from tuneforge.data.readers import BadRow, read_rows
 from tuneforge.data.tokenize import encode_prompt
 from tuneforge.errors import DataError, UserError
@@ -45,28 +46,30 @@ class PromptExample:
     messages: list[Message] | None = None
 
 
-def load_prompt_rows(path: str, config: DataConfig, report: DataReport) -> list[PromptRow]:
+def load_prompt_rows(path, config: DataConfig, report: DataReport) -> list[PromptRow]:
     """Read and validate every row of ``path``. In ``raise`` mode the first bad row raises its
     :class:`DataError` (naming file, row and field); in ``skip`` mode it is counted in ``report.dropped``."""
-    report.path = str(path)
+    if is_source_value(path):
+        return load_sources(path, config, report, load_prompt_rows)
+    report.path = name = source_name(path)
     rows = []
     for row in read_rows(path):
         report.rows += 1
         try:
             if isinstance(row, BadRow):
                 raise row.error
-            check = _Checker(str(path), row.number)
+            check = _Checker(name, row.number)
             if "prompt" not in row.fields or row.fields["prompt"] is None:
                 raise check.fail("prompt", "missing required field (online RL rows need a prompt; the model writes "
                                  "the response)", "missing_field")
             prompt = _add_system(_explicit_prompt(row.fields, check), row.fields, check, config.system_prompt)
-            rows.append(PromptRow(prompt, dict(row.fields), str(path), row.number))
+            rows.append(PromptRow(prompt, dict(row.fields), name, row.number))
         except DataError as error:
             if config.on_error == "raise":
                 raise
             report.dropped[error.reason] += 1
     if not rows:
-        raise UserError(f"{path}: no usable prompt rows ({report.rows} read)")
+        raise UserError(f"{name}: no usable prompt rows ({report.rows} read)")
     return rows
 
 
@@ -103,4 +106,7 @@ def tokenize_prompts(rows: list[PromptRow], template, tokenizer, config: RunConf
 
 
 def tokenize_prompt_data(read: ReadData, config: RunConfig, tokenizer, template) -> PreparedData:
-    return tokenize_split(read, lambda rows, report: tokenize_prompts(rows, template, tokenizer, config, report))
+    def tokenize_with(chosen):
+        return lambda rows, report: tokenize_prompts(rows, chosen, tokenizer, config, report)
+
+    return tokenize_split(read, tokenize_with(template), per_source_template(tokenizer, tokenize_with))

@@ -14,10 +14,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuneforge.data.hub import is_saved_dataset, load_hub_records, load_saved_records
 from tuneforge.data.memory import InMemoryRows, is_placeholder
+from tuneforge.data.sources import DataSource, map_fields
 from tuneforge.errors import DataError, UserError
+from tuneforge.paths import looks_like_hub_dataset
 
-SUPPORTED = ".jsonl, .json, .csv, .parquet, or a folder saved by datasets.save_to_disk"
+SUPPORTED = (".jsonl, .json, .csv, .parquet, a folder saved by datasets.save_to_disk or laid out like a Hub dataset "
+             "repo, or a Hub dataset id (org/name)")
 
 
 @dataclass
@@ -35,9 +39,18 @@ class BadRow:
     error: DataError
 
 
-def read_rows(path: str | Path | InMemoryRows) -> list[Row | BadRow]:
-    """Read every record of ``path`` (or of rows in memory). Malformed records come back as :class:`BadRow`, so
-    lenient mode can count them; a file that cannot be read at all raises :class:`UserError`."""
+def read_rows(path: str | Path | InMemoryRows | DataSource) -> list[Row | BadRow]:
+    """Read every record of ``path`` (a file, a folder, a Hub dataset id, rows in memory, or a
+    :class:`~tuneforge.data.sources.DataSource` with its split, subset and column mapping). Malformed records come
+    back as :class:`BadRow`, so lenient mode can count them; a source that cannot be read at all raises
+    :class:`UserError`."""
+    if isinstance(path, DataSource):
+        rows = _read_source(path)
+        if not (path.columns or path.roles):
+            return rows
+        return [_mapped(row, path) if isinstance(row, Row) else row for row in rows]
+    if isinstance(path, str) and not Path(path).exists() and looks_like_hub_dataset(path):
+        return _read_source(DataSource(path))
     if isinstance(path, InMemoryRows):
         return [Row(number, value) if isinstance(value, dict) else
                 BadRow(DataError(path.source, number, None, f"expected a dict, got {type(value).__name__}",
@@ -50,7 +63,7 @@ def read_rows(path: str | Path | InMemoryRows) -> list[Row | BadRow]:
     if not path.exists():
         raise UserError(f"data file {path} does not exist")
     if path.is_dir():
-        return _read_saved_dataset(path)
+        return _read_saved_dataset(path) if is_saved_dataset(path) else _read_source(DataSource(str(path)))
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         return _read_jsonl(path)
@@ -75,25 +88,30 @@ def _read_jsonl(path: Path) -> list[Row | BadRow]:
     # Bytes, decoded line by line, so one badly encoded line is one bad row (with its number), not a crash.
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
-            if number == 1 and raw.startswith(codecs.BOM_UTF8):  # written by some Windows tools
-                raw = raw[len(codecs.BOM_UTF8):]
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                rows.append(BadRow(DataError(str(path), number, None, f"not valid UTF-8 (byte {exc.start + 1} of the "
-                                             "line); save the file as UTF-8", "invalid_encoding")))
-                continue
-            if not line.strip():
-                continue
-            try:
-                # Without the line break, so the column in the message is a column of this line.
-                value = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as exc:
-                rows.append(BadRow(DataError(str(path), number, None, f"invalid JSON ({exc.msg} at column {exc.colno})",
-                                             "invalid_json")))
-                continue
-            rows.append(_as_row(path, number, value))
+            row = jsonl_row(path, number, raw)
+            if row is not None:
+                rows.append(row)
     return rows
+
+
+def jsonl_row(path: Path, number: int, raw: bytes) -> Row | BadRow | None:
+    """Line ``number`` (1-based) of a JSONL file, as read in bytes: a row, a bad row, or None for a blank line."""
+    if number == 1 and raw.startswith(codecs.BOM_UTF8):  # written by some Windows tools
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return BadRow(DataError(str(path), number, None, f"not valid UTF-8 (byte {exc.start + 1} of the line); save "
+                                "the file as UTF-8", "invalid_encoding"))
+    if not line.strip():
+        return None
+    try:
+        # Without the line break, so the column in the message is a column of this line.
+        value = json.loads(line.rstrip("\r\n"))
+    except json.JSONDecodeError as exc:
+        return BadRow(DataError(str(path), number, None, f"invalid JSON ({exc.msg} at column {exc.colno})",
+                                "invalid_json"))
+    return _as_row(path, number, value)
 
 
 def _read_text(path: Path) -> str:
@@ -142,18 +160,36 @@ def _read_parquet(path: Path) -> list[Row | BadRow]:
 
 
 def _read_saved_dataset(path: Path) -> list[Row | BadRow]:
+    records = load_saved_records(DataSource(str(path)))
+    return [Row(number, record) for number, record in enumerate(records, start=1)]
+
+
+def _read_source(source: DataSource) -> list[Row | BadRow]:
+    """The rows of one source. A file reads as :func:`read_rows` reads it (1-based numbers); a Hub dataset or a
+    Hub-like folder through ``datasets`` (0-based row indices); a saved dataset folder with its ``split``."""
+    path = source.path
+    if isinstance(path, InMemoryRows) or is_placeholder(str(path)):
+        return read_rows(path)
+    local = Path(path)
+    hub_options = [name for name in ("split", "subset", "revision", "data_files") if getattr(source, name)]
+    if local.is_file():
+        if hub_options:
+            raise UserError(f"{source.label}: {hub_options[0]} applies to Hub datasets and dataset folders, not to a "
+                            f"{local.suffix or 'plain'} file; remove it")
+        return read_rows(local)
+    if local.is_dir() and is_saved_dataset(local):
+        other = [name for name in hub_options if name != "split"]
+        if other:
+            raise UserError(f"{source.label}: {other[0]} applies to Hub datasets and Hub-like folders, not to a "
+                            "folder saved by datasets.save_to_disk; remove it")
+        return [Row(number, record) for number, record in enumerate(load_saved_records(source), start=1)]
+    if not local.is_dir() and not looks_like_hub_dataset(str(path)):
+        raise UserError(f"data file {path} does not exist")
+    return [Row(number, record) for number, record in enumerate(load_hub_records(source))]
+
+
+def _mapped(row: Row, source: DataSource) -> Row | BadRow:
     try:
-        import datasets
-    except ImportError:
-        raise UserError(f"{path}: reading a saved dataset folder needs `datasets`: "
-                        "pip install 'tuneforge[datasets]'") from None
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except FileNotFoundError:
-        raise UserError(f"{path}: a folder must be saved by datasets.save_to_disk; otherwise pass a file "
-                        f"({SUPPORTED})") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
-            raise UserError(f"{path}: the saved DatasetDict has no 'train' split (it has {list(loaded)})")
-        loaded = loaded["train"]
-    return [Row(number, dict(record)) for number, record in enumerate(loaded, start=1)]
+        return Row(row.number, map_fields(row.fields, source, row.number))
+    except DataError as error:
+        return BadRow(error)

@@ -25,6 +25,7 @@ class Example:
         truncated: the row was cut at max_length.
         responses_lost: assistant responses of which no trained token survived truncation.
         row: the source row number (for messages and previews).
+        source: the file or source the row came from (a mixture's previews name it).
     """
 
     input_ids: list[int]
@@ -32,6 +33,7 @@ class Example:
     truncated: bool = False
     responses_lost: int = 0
     row: int = 0
+    source: str = ""
 
     @property
     def num_trained(self) -> int:
@@ -85,4 +87,5 @@ def encode_conversation(conversation: Conversation, template: Template, tokenize
         lost = len(responses - kept)
     else:
         lost = 0
-    return Example(ids, labels, truncated=truncated, responses_lost=lost, row=conversation.row)
+    return Example(ids, labels, truncated=truncated, responses_lost=lost, row=conversation.row,
+                   source=conversation.source)

@@ -53,8 +53,8 @@ REQUIRED_FILES = ("weights.safetensors", "optimizer.pt", "rng.pt", "state.json",
 # Config keys that change what a run trains: resuming with any of them changed is refused unless forced.
 RESUME_KEYS = ("method", "model.name_or_path", "model.dtype", "data.train", "data.validation", "data.val_fraction",
                "data.format", "data.template", "data.system_prompt", "data.max_length", "data.train_on_prompt",
-               "data.packing", "data.group_by_length", "data.shuffle", "lora.enabled", "lora.r", "lora.alpha",
-               "lora.target_modules", "lora.use_rslora", "lora.use_dora", "lora.bias", "train.batch_size",
+               "data.packing", "data.group_by_length", "data.shuffle", "data.streaming", "lora.enabled", "lora.r",
+               "lora.alpha", "lora.target_modules", "lora.use_rslora", "lora.use_dora", "lora.bias", "train.batch_size",
                "train.grad_accum", "train.seed",
                # FSDP checkpoints store the optimiser state by parameter name, DDP and single-process ones by index.
                "distributed.strategy")
@@ -92,6 +92,8 @@ class TrainState:
     world_size: int = 1
     # A method's own running state (PPO's adaptive KL coefficient), JSON values only.
     method_state: dict = field(default_factory=dict)
+    # A streaming run's position in its data (tuneforge.data.streaming), JSON values only; {} otherwise.
+    data_state: dict = field(default_factory=dict)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

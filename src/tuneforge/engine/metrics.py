@@ -1,5 +1,6 @@
 """Metrics: one JSON object per logging step appended to ``RUN_DIR/metrics.jsonl``, a progress bar on a
-terminal (or a line per log step elsewhere), and optional TensorBoard / Weights & Biases / MLflow loggers."""
+terminal (or a line per log step elsewhere), and optional TensorBoard / Weights & Biases / MLflow / trackio
+loggers, each given the run's config as its hyperparameters."""
 
 from __future__ import annotations
 
@@ -104,40 +105,13 @@ class MetricsLog:
 
 
 def _open_logger(name: str, run_dir: Path | None, project: str, config: dict):
-    """A callable taking a record dict; raises a clear error when the logger's package is missing."""
+    """A callable taking a record dict (and a ``close``); the run's ``config`` is logged as its hyperparameters.
+    A missing package or a logger that cannot start is a one-line :class:`UserError`."""
+    opener = _LOGGERS.get(name)
+    if opener is None:
+        raise UserError(f"log.loggers: unknown logger {name!r}")
     try:
-        if name == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(log_dir=str((run_dir or Path(".")) / "tensorboard"))
-
-            def write(record, writer=writer):
-                for key, value in record.items():
-                    if key != "step" and isinstance(value, (int, float)):
-                        writer.add_scalar(key, value, record["step"])
-                writer.flush()
-
-            write.close = writer.close
-            return write
-        if name == "wandb":
-            import wandb
-
-            run = wandb.init(project=project, config=config, dir=str(run_dir) if run_dir else None)
-            log = lambda record: run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])  # noqa: E731
-            log.close = run.finish
-            return log
-        if name == "mlflow":
-            import mlflow
-
-            mlflow.set_experiment(project)
-            mlflow.start_run()
-
-            def log(record):
-                mlflow.log_metrics({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
-                                   step=record["step"])
-
-            log.close = mlflow.end_run
-            return log
+        return opener(run_dir, project, config)
     except ImportError:
         raise UserError(f"log.loggers: {name} is not installed; pip install 'tuneforge[{name}]'") from None
     except UserError:
@@ -146,7 +120,84 @@ def _open_logger(name: str, run_dir: Path | None, project: str, config: dict):
         # A logger that cannot start (credentials, server, permissions) is the user's setup, not a tuneforge bug.
         detail = (str(error).strip().splitlines() or [""])[0]
         raise UserError(f"log.loggers: {name} failed to start: {type(error).__name__}: {detail}") from error
-    raise UserError(f"log.loggers: unknown logger {name!r}")
+
+
+def flat_hparams(config: dict, prefix: str = "") -> dict:
+    """``{"train": {"lr": 2e-4}}`` -> ``{"train.lr": 2e-4}``: the config as the flat scalars that TensorBoard's
+    hparams and MLflow's params hold. Numbers, booleans and strings stay; lists and None become their text."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
+
+
+def _numbers(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+
+
+def _tensorboard(run_dir: Path | None, project: str, config: dict):
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    writer = SummaryWriter(log_dir=str((run_dir or Path(".")) / "tensorboard"))
+    # The config for the HParams dashboard, in the run's own event file (``add_hparams`` would open a second run
+    # folder for it), with the losses as the metrics its table shows.
+    experiment, session_start, _ = hparams(flat_hparams(config), {"loss": 0.0, "val_loss": 0.0})
+    writer.file_writer.add_summary(experiment)
+    writer.file_writer.add_summary(session_start)
+
+    def write(record):
+        for key, value in _numbers(record).items():
+            writer.add_scalar(key, value, record["step"])
+        writer.flush()
+
+    write.close = writer.close
+    return write
+
+
+def _wandb(run_dir: Path | None, project: str, config: dict):
+    import wandb
+
+    run = wandb.init(project=project, name=run_dir.name if run_dir else None, config=config,
+                     dir=str(run_dir) if run_dir else None)
+    log = lambda record: run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])  # noqa: E731
+    log.close = run.finish
+    return log
+
+
+def _mlflow(run_dir: Path | None, project: str, config: dict):
+    import mlflow
+
+    mlflow.set_experiment(project)
+    mlflow.start_run(run_name=run_dir.name if run_dir else None)
+    try:
+        mlflow.log_params(flat_hparams(config))
+    except BaseException:
+        mlflow.end_run(status="FAILED")  # an active run left behind would refuse the retry's start_run
+        raise
+    log = lambda record: mlflow.log_metrics(_numbers(record), step=record["step"])  # noqa: E731
+    log.close = mlflow.end_run
+    return log
+
+
+def _trackio(run_dir: Path | None, project: str, config: dict):
+    import trackio
+
+    # Local-first: a SQLite file per project under TRACKIO_DIR (default ~/.cache/huggingface/trackio);
+    # `trackio show` opens the dashboard.
+    run = trackio.init(project=project, name=run_dir.name if run_dir else None, config=config)
+    log = lambda record: run.log(_numbers(record), step=record["step"])  # noqa: E731
+    # trackio.finish ends the current run (this one) and clears it; run.finish alone would leave it current, to be
+    # finished a second time at exit.
+    log.close = trackio.finish
+    return log
+
+
+# log.loggers names -> the function that starts each (the names config.py and preflight.py know, too).
+_LOGGERS = {"tensorboard": _tensorboard, "wandb": _wandb, "mlflow": _mlflow, "trackio": _trackio}
 
 
 def _parse_lines(path: Path) -> list[dict]:

@@ -8,6 +8,7 @@ Layout::
     RUN_DIR/tokenizer/           tokenizer (LoRA runs; full runs keep it in model/)
     RUN_DIR/metrics.jsonl        one line per logging step
     RUN_DIR/data_report.json     rows kept, dropped by reason, truncated, tokens
+    RUN_DIR/README.md            model card (models/card.py), rewritten after summary.json and tuneforge eval
     RUN_DIR/.tuneforge.lock      while a run trains: its pid and host (engine/lock.py)
 
 A run directory whose run never completed a step (a failed start: a logger that could not start, a crash
@@ -24,6 +25,7 @@ from tuneforge.config import RunConfig, save_config
 from tuneforge.engine.lock import LOCK_FILE
 from tuneforge.engine.metrics import read_metrics
 from tuneforge.errors import UserError, option
+from tuneforge.models.card import write_run_card
 from tuneforge.models.loading import RUN_MARKER
 from tuneforge.models.merge import save_tokenizer
 
@@ -106,3 +108,4 @@ def save_run(path: Path, config: RunConfig, model, tokenizer, template, lora: bo
     marker = {"method": config.method, "kind": "lora" if lora else "full", "base_model": base,
               "template": template.to_dict()}
     (path / RUN_MARKER).write_text(json.dumps(marker, indent=2))
+    write_run_card(path)  # after the marker: the card reads it, and a card is never what makes a run complete

@@ -46,6 +46,7 @@ from tuneforge.eval.predictions import (JUDGE_SCORE, answer_scores, mean_scores,
                                         refusal_scores, row_pattern as _pattern, row_scores, score_intervals,
                                         win_outcomes, write_report)
 from tuneforge.engine.step import pick_device
+from tuneforge.models.card import refresh_run_card
 from tuneforge.models.loading import ModelSource, resolve_model
 from tuneforge.paths import EVAL_CONFIG_PATHS, resolve_paths
 
@@ -561,7 +562,9 @@ def run_eval(settings: EvalSettings, log: Callable[[str], None] = lambda message
     report = build_report(plan, results, win_rate)
     sets = {"data": plan.heldout.rows if plan.heldout else [], "harmful": plan.harmful, "benign": plan.benign,
             "pairs": plan.pairs}
-    return report, write_report(report, plan.out, prediction_records(sets, results))
+    out = write_report(report, plan.out, prediction_records(sets, results))
+    refresh_run_card(out.parent)  # a run directory's README.md now shows this evaluation (models.card)
+    return report, out
 
 
 def build_report(plan: EvalPlan, results: dict[str, ModelResult], win_rate: dict | None) -> dict:

@@ -1,25 +1,38 @@
 """Export a model or a run to a single GGUF file (weights, tokenizer and chat template) for llama.cpp and friends.
 
-Only the Llama architecture with a byte-level BPE (GPT-2 style) tokenizer is written, which covers SmolLM2 and the
-tiny test models. The layout follows llama.cpp's ``convert_hf_to_gguf.py``, so the file loads there and in
-transformers (``from_pretrained(folder, gguf_file=name)``).
+Llama, Mistral, Qwen2 (Qwen2.5) and Qwen3 models with a byte-level BPE tokenizer are written, as f32, f16 or the
+block-quantized Q8_0 and Q4_0 (the types ``gguf``'s numpy quantizer implements; its K-quants dequantize only). The
+layout follows llama.cpp's ``convert_hf_to_gguf.py``, so the file loads there and in transformers
+(``from_pretrained(folder, gguf_file=name)``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tuneforge.errors import UserError
+from tuneforge.models.card import write_gguf_card
 from tuneforge.models.loading import load_model, load_tokenizer, resolve_model
 from tuneforge.models.merge import run_chat_template
 
-GGUF_ARCH = "llama"
-EXPORT_DTYPES = ("f32", "f16")
+# --dtype -> (GGML type of the weight matrices, llama.cpp's file type), as names in ``gguf`` (imported lazily).
+EXPORT_DTYPES = {
+    "f32": ("F32", "ALL_F32"),
+    "f16": ("F16", "MOSTLY_F16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+    "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+}
+# llama-quantize keeps the output projection (the embedding when tied) at Q6_K in a Q4 file: it decides every
+# logit. gguf's numpy quantizer has no Q6_K, so a q4_0 file keeps it at Q8_0, the nearest type it can write.
+OUTPUT_TYPE = {"q4_0": "Q8_0"}
+# A matrix whose rows do not split into whole blocks is stored as f16 instead, as convert_hf_to_gguf does.
+FALLBACK_TYPE = "F16"
 
 # Per-layer HF parameter suffix -> GGUF tensor name (``blk.N.`` is prefixed).
 LAYER_TENSORS = {
@@ -35,18 +48,51 @@ LAYER_TENSORS = {
 }
 
 
+@dataclass(frozen=True)
+class GGUFArch:
+    """How llama.cpp writes one Hugging Face ``model_type``.
+
+    ``permute_qk``: llama.cpp's ``llama`` rope rotates adjacent pairs, so q and k rows are reordered
+    (``permute_rotary``); ``qwen2``/``qwen3`` use NEOX rope, which pairs dimensions as HF does, so they are not.
+    ``extra_tensors``: per-layer tensors beyond ``LAYER_TENSORS`` (Qwen2's q/k/v biases, Qwen3's q/k norms).
+    """
+
+    name: str
+    permute_qk: bool
+    extra_tensors: dict = field(default_factory=dict)
+
+
+ARCHITECTURES = {
+    "llama": GGUFArch("llama", permute_qk=True),
+    # convert_hf_to_gguf writes Mistral as `llama` too (same graph); llama.cpp's llama attends to the whole context.
+    "mistral": GGUFArch("llama", permute_qk=True),
+    "qwen2": GGUFArch("qwen2", permute_qk=False, extra_tensors={
+        f"self_attn.{p}_proj.bias": f"attn_{p}.bias" for p in "qkv"}),
+    "qwen3": GGUFArch("qwen3", permute_qk=False, extra_tensors={
+        "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}),
+}
+
+# How a byte-level BPE tokenizer splits text before merging, by llama.cpp's name (``tokenizer.ggml.pre``): the
+# regex of a ``Split`` pre-tokenizer (Llama 3's, and Qwen2's as transformers' Qwen2Tokenizer writes it).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 def export_gguf(model_spec: str | Path, out_file: str | Path, dtype: str = "f16") -> Path:
     """Write ``model_spec`` (a HF folder, a .gguf file, a hub id or a tuneforge run directory) to ``out_file``.
 
     A LoRA run is merged into its base first (a QLoRA run into the float base, as ``tuneforge merge`` does), and a
     run's chat template is the one it was trained with (``merge.training_chat_template``; refused where no chat
     template reproduces the training tokens); a folder, file or hub id keeps its own.
-    ``dtype`` is the storage type of the matrices: ``f32`` (exact) or ``f16``; norm vectors stay f32 as in
-    llama.cpp. Refuses an existing ``out_file`` and any architecture other than Llama.
+    ``dtype`` is the storage type of the weight matrices: ``f32`` (exact), ``f16``, or the 32-weight block types
+    ``q8_0`` and ``q4_0`` (a q4_0 file keeps the output projection at q8_0, see ``OUTPUT_TYPE``); norm vectors and
+    biases stay f32 as in llama.cpp. Refuses an existing ``out_file`` and an architecture not in ``ARCHITECTURES``.
+    The model card goes to README.md beside the file when that folder has none, else to NAME.gguf.README.md
+    (``card.gguf_card_path``); an existing file is never overwritten.
     """
     out_file = Path(out_file)
     if dtype not in EXPORT_DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, not {dtype!r}")
+        raise UserError(f"GGUF export dtype must be one of {', '.join(EXPORT_DTYPES)}, not {dtype!r}")
     if out_file.exists():
         raise UserError(f"{out_file} exists; choose a new output file (export never overwrites)")
     if not out_file.parent.is_dir():
@@ -59,17 +105,17 @@ def export_gguf(model_spec: str | Path, out_file: str | Path, dtype: str = "f16"
     model = load_model(source, "float32", quantize=False)
     if source.adapter:
         model = model.merge_and_unload()
-    _check_supported(model.config, tokenizer, model_spec)
+    arch = _check_supported(model, tokenizer, model_spec)
 
     import gguf
 
     # Write next to the target and rename at the end, so a failed export leaves no half-written file behind.
     partial = out_file.with_name(out_file.name + ".partial")
     try:
-        writer = gguf.GGUFWriter(str(partial), GGUF_ARCH)
+        writer = gguf.GGUFWriter(str(partial), arch.name)
         _add_model_metadata(writer, model.config, dtype, name=Path(str(model_spec)).name)
         _add_tokenizer_metadata(writer, tokenizer, model.config.vocab_size)
-        _add_tensors(writer, model, dtype)
+        _add_tensors(writer, model, arch, dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -79,20 +125,32 @@ def export_gguf(model_spec: str | Path, out_file: str | Path, dtype: str = "f16"
         os.replace(partial, out_file)
     finally:
         partial.unlink(missing_ok=True)
+    write_gguf_card(str(model_spec), out_file, dtype)  # README.md beside it, or NAME.gguf.README.md: never over a file
     return out_file
 
 
-def _check_supported(config, tokenizer, model_spec) -> None:
-    if config.model_type != "llama":
-        raise UserError(f"{model_spec} is a {config.model_type!r} model; GGUF export supports Llama models only")
+def _check_supported(model, tokenizer, model_spec) -> GGUFArch:
+    config = model.config
+    arch = ARCHITECTURES.get(config.model_type)
+    if arch is None:
+        raise UserError(f"{model_spec} is a {config.model_type!r} model; GGUF export supports "
+                        f"{', '.join(ARCHITECTURES)} models")
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        raise UserError(f"{model_spec} uses sliding-window attention in some layers; GGUF export writes full "
+                        "attention only (set use_sliding_window=false if the model was trained that way)")
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise UserError(f"{model_spec} uses rope scaling {rope.get('rope_type')!r}; GGUF export supports plain "
                         "rotary embeddings only")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise UserError(f"{model_spec} has bias terms in attention or MLP; GGUF export does not write them")
-    if not getattr(tokenizer, "is_fast", False) or _tokenizer_model(tokenizer)["type"] != "BPE":
-        raise UserError(f"{model_spec} does not have a byte-level BPE tokenizer; GGUF export supports only those")
+    unwritten = sorted(set(model.state_dict()) - set(_tensor_plan(config, arch)) - {"lm_head.weight"})
+    if unwritten or getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise UserError(f"{model_spec} has bias terms or other tensors a {config.model_type} GGUF does not hold "
+                        f"({', '.join(unwritten[:3]) or 'attention_bias/mlp_bias'}); GGUF export does not write them")
+    if (not getattr(tokenizer, "is_fast", False) or _tokenizer_model(tokenizer)["type"] != "BPE"
+            or _tokenizer_model(tokenizer).get("byte_fallback") or _pre_tokenizer_name(tokenizer) is None):
+        raise UserError(f"{model_spec} does not have a byte-level BPE tokenizer splitting text as GPT-2, Llama 3 or "
+                        "Qwen2 do (a SentencePiece-style tokenizer, say); GGUF export writes only those")
+    return arch
 
 
 def _head_dim(config) -> int:
@@ -117,24 +175,35 @@ def _add_model_metadata(writer, config, dtype: str, name: str) -> None:
     if _head_dim(config) != config.hidden_size // config.num_attention_heads:
         writer.add_key_length(_head_dim(config))
         writer.add_value_length(_head_dim(config))
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type(getattr(gguf.LlamaFileType, EXPORT_DTYPES[dtype][1]))
 
 
 def _tokenizer_model(tokenizer) -> dict:
     return json.loads(tokenizer.backend_tokenizer.to_str())["model"]
 
 
-def _pre_tokenizer_name(tokenizer) -> str:
-    """llama.cpp's name for how text is split before BPE (``tokenizer.ggml.pre``).
+def _pre_tokenizer_name(tokenizer) -> str | None:
+    """llama.cpp's name for how text is split before BPE (``tokenizer.ggml.pre``), or None for a splitter we
+    cannot name (exporting it under a wrong name would make llama.cpp tokenize differently, silently).
 
     SmolLM2 splits every digit, then applies GPT-2's regex: llama.cpp calls that ``smollm``. Plain GPT-2 splitting
-    is ``gpt2``. llama.cpp picks this by hashing the tokenizer's output; we read the splitter itself instead.
+    is ``gpt2``; a ``Split`` on Llama 3's regex is ``llama-bpe``, on Qwen2's ``qwen2``. llama.cpp picks this by
+    hashing the tokenizer's output; we read the splitter itself instead.
     """
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
+
     pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre])
-    if any(part.get("type") == "Digits" and part.get("individual_digits") for part in parts):
-        return "smollm"
-    return "gpt2"
+    kinds = [part.get("type") for part in parts]
+    if "ByteLevel" not in kinds:
+        return None
+    splits = [part.get("pattern", {}).get("Regex") for part in parts if part.get("type") == "Split"]
+    if not splits:
+        if any(part.get("type") == "Digits" and part.get("individual_digits") for part in parts):
+            return "smollm"
+        return "gpt2" if set(kinds) <= {"ByteLevel"} else None
+    named = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
+    return named.get(splits[0]) if len(parts) == 2 and len(splits) == 1 else None
 
 
 def _add_tokenizer_metadata(writer, tokenizer, vocab_size: int) -> None:
@@ -187,27 +256,52 @@ def permute_rotary(weights: np.ndarray, n_head: int, n_head_kv: int | None = Non
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def _add_tensors(writer, model, dtype: str) -> None:
+def _tensor_plan(config, arch: GGUFArch) -> dict[str, str]:
+    """HF parameter name -> GGUF tensor name, in llama.cpp's order."""
+    plan = {"model.embed_tokens.weight": "token_embd.weight"}
+    for layer in range(config.num_hidden_layers):
+        for suffix, gguf_name in {**LAYER_TENSORS, **arch.extra_tensors}.items():
+            plan[f"model.layers.{layer}.{suffix}"] = f"blk.{layer}.{gguf_name}"
+    plan["model.norm.weight"] = "output_norm.weight"
+    if not getattr(config, "tie_word_embeddings", False):
+        # llama.cpp omits `output` when it is the embedding matrix; readers then tie it back (transformers does).
+        plan["lm_head.weight"] = "output.weight"
+    return plan
+
+
+def tensor_type(gguf_name: str, shape: tuple[int, ...], dtype: str, tied: bool) -> str:
+    """The GGML type (a ``gguf.GGMLQuantizationType`` name) a tensor of ``shape`` (rows, row length) is stored in.
+
+    Vectors (norms, biases) stay F32, as llama.cpp writes them: they are tiny and every output depends on them.
+    A block type needs rows of whole blocks (32 weights for Q8_0 and Q4_0); other matrices fall back to F16.
+    """
+    import gguf
+
+    if len(shape) < 2:
+        return "F32"
+    is_output = gguf_name == ("token_embd.weight" if tied else "output.weight")
+    name = OUTPUT_TYPE.get(dtype, EXPORT_DTYPES[dtype][0]) if is_output else EXPORT_DTYPES[dtype][0]
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]][0]
+    return name if shape[-1] % block == 0 else FALLBACK_TYPE
+
+
+def _add_tensors(writer, model, arch: GGUFArch, dtype: str) -> None:
+    import gguf
+    from gguf.quants import quantize
+
     config = model.config
     state = {name: tensor.detach().to(torch.float32).cpu().numpy() for name, tensor in model.state_dict().items()}
     tied = bool(getattr(config, "tie_word_embeddings", False))
-
-    def add(name: str, array: np.ndarray) -> None:
-        # Vectors (norms) stay f32, as llama.cpp writes them: f16 saves nothing there and costs precision.
-        if dtype == "f16" and array.ndim > 1:
-            array = array.astype(np.float16)
-        writer.add_tensor(name, np.ascontiguousarray(array))
-
-    add("token_embd.weight", state["model.embed_tokens.weight"])
-    for layer in range(config.num_hidden_layers):
-        for suffix, gguf_name in LAYER_TENSORS.items():
-            array = state[f"model.layers.{layer}.{suffix}"]
-            if gguf_name == "attn_q.weight":
-                array = permute_rotary(array, config.num_attention_heads, config.num_attention_heads)
-            elif gguf_name == "attn_k.weight":
-                array = permute_rotary(array, config.num_attention_heads, config.num_key_value_heads)
-            add(f"blk.{layer}.{gguf_name}", array)
-    add("output_norm.weight", state["model.norm.weight"])
-    if not tied:
-        # llama.cpp omits `output` when it is the embedding matrix; readers then tie it back (transformers does).
-        add("output.weight", state["lm_head.weight"])
+    for hf_name, gguf_name in _tensor_plan(config, arch).items():
+        array = state[hf_name]
+        if arch.permute_qk and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+            n_kv = config.num_key_value_heads if gguf_name.endswith("attn_k.weight") else config.num_attention_heads
+            array = permute_rotary(array, config.num_attention_heads, n_kv)
+        kind = tensor_type(gguf_name, array.shape, dtype, tied)
+        if kind == "F32":
+            writer.add_tensor(gguf_name, np.ascontiguousarray(array))
+        elif kind == "F16":
+            writer.add_tensor(gguf_name, np.ascontiguousarray(array.astype(np.float16)))
+        else:
+            qtype = gguf.GGMLQuantizationType[kind]
+            writer.add_tensor(gguf_name, quantize(np.ascontiguousarray(array), qtype), raw_dtype=qtype)

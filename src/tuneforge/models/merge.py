@@ -18,6 +18,7 @@ from tuneforge.data.formats import Conversation, Message
 from tuneforge.data.templates import Template, template_from_dict
 from tuneforge.data.tokenize import encode_conversation, encode_prompt
 from tuneforge.errors import TemplateError, UserError
+from tuneforge.models.card import write_merged_card
 from tuneforge.models.loading import ModelSource, load_model, load_tokenizer, resolve_model
 
 # Conversations that take every branch of a template: with and without a system prompt (alpaca's preamble, a
@@ -99,7 +100,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32") 
     """Load base + adapter, fold W + (alpha/r)·BA into W, save weights and tokenizer (loads with transformers
     alone). The tokenizer's chat template is the run's training template (:func:`training_chat_template`); a
     template that cannot be reproduced exactly is refused before anything is written. Refuses to write into an
-    existing non-empty folder.
+    existing non-empty folder. A model card (README.md, ``models.card``) describes the run and the merge.
 
     A QLoRA run (base trained in 4 or 8 bits) is merged into the *float* base in ``dtype``: the adapter learned
     to correct the quantized weights, so the merged model is close to, not exactly, what was trained. Merging
@@ -121,4 +122,5 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32") 
     merged = model.merge_and_unload()
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    write_merged_card(run_dir, out_dir)  # README.md: a new folder, so no card of the user's is there
     return out_dir

@@ -27,6 +27,7 @@ from tuneforge.data.collate import Batch
 from tuneforge.data.dataset import EpochBatches, make_batches
 from tuneforge.data.memory import InMemoryRows
 from tuneforge.data.prepare import read_data, tokenize_data
+from tuneforge.data.streaming import StreamBatches
 from tuneforge.data.templates import load_template
 from tuneforge.engine import checkpoint as ckpt
 from tuneforge.engine.distributed import (barrier, full_state, gather_optimizer_state, init_distributed, is_sharded,
@@ -49,6 +50,7 @@ from tuneforge.eval.functions import RewardFunctions, load_callable
 from tuneforge.eval.heldout import HeldoutRow, read_heldout
 from tuneforge.inference import Generation, Generator
 from tuneforge.models.adapters import add_lora, causal_lm, decoder_and_head, prepare_quantized
+from tuneforge.models.card import write_run_card
 from tuneforge.models.dropout import use_fast_dropout
 from tuneforge.models.memory import GB, device_memory_bytes, recomputed_layers, shape_from_config
 from tuneforge.models.memory import estimate as estimate_memory
@@ -281,7 +283,7 @@ class SFTRecipe:
 
     def _sequence_shape(self) -> tuple[int, int]:
         """(sequences per micro-batch, longest sequence) of the training data, for the memory estimate."""
-        longest = max(len(example.input_ids) for example in self.data.train)
+        longest = max((len(e.input_ids) for e in self.data.train), default=self.config.data.max_length)
         if self.config.data.packing:
             longest = self.config.data.max_length
         return self.config.train.batch_size, longest
@@ -402,6 +404,9 @@ class SFTRecipe:
         return steps
 
     def _epoch_batches(self, shuffle: bool, generator: torch.Generator | None = None) -> EpochBatches:
+        if self.config.data.streaming:  # rows read, validated and tokenised as the loop reaches them
+            return StreamBatches(self.config, self.tokenizer, self.template, self.state, self.data.reports[0],
+                                 self.dist.rank, self.dist.world_size)
         generator = (generator or self.data_generator) if shuffle and self.config.data.shuffle else None
         return make_batches(self.data.train, self.config.train.batch_size, self.tokenizer.pad_token_id,
                             packing=self.config.data.packing, max_length=self.config.data.max_length,
@@ -725,7 +730,10 @@ class SFTRecipe:
             if summary is not None:
                 summary = {**summary, "final_step": final_step, "run_dir": str(self.run_dir)}
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                (self.run_dir / "data_report.json").write_text(  # a stream's counts are complete only now
+                    json.dumps([r.to_dict() for r in self.data.reports], indent=2))
                 plot_runs([self.run_dir], self.run_dir / "curves.png")
+                write_run_card(self.run_dir)  # again, now with the summary's results
         barrier(self.dist)
         return self.run_dir
 
