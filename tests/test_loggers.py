@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QA_ROWS, write_jsonl
+from test_engine_preflight import pretend_installed as pretend
 from tuneforge.cli import main as cli_main
 from tuneforge.config import config_from_dict
 from tuneforge.engine import preflight
@@ -204,19 +205,6 @@ def test_an_mlflow_run_whose_start_fails_is_ended(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------- checked before the run
-def pretend(monkeypatch, installed: set[str] = frozenset(), missing: set[str] = frozenset()):
-    real = importlib.util.find_spec
-
-    def find_spec(name, *args, **kwargs):
-        if name in missing:
-            return None
-        if name in installed:
-            return importlib.machinery.ModuleSpec(name, None)
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(preflight.importlib.util, "find_spec", find_spec)
-
-
 @pytest.mark.parametrize("logger", ["tensorboard", "wandb", "mlflow", "trackio"])
 def test_a_missing_logger_package_is_one_line_before_the_model_loads(logger, tmp_path, qa_file, tiny_model_dir,
                                                                      monkeypatch, capsys):
