@@ -67,9 +67,19 @@ def synthetic_prompts(count: int = 64, seed: int = 0) -> list[dict]:
     return rows
 
 
-def measure_matmul_peak(dtype: torch.dtype, device: torch.device, size: int | None = None, repeats: int = 5) -> float:
+def native_matmul(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``device`` multiplies ``dtype`` natively. A CPU without bf16 instructions (AVX2 only) emulates bf16
+    matmuls: a 2048-square product takes minutes, and the "peak" it gives is no peak to measure MFU against."""
+    return not (device.type == "cpu" and dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def measure_matmul_peak(dtype: torch.dtype, device: torch.device, size: int | None = None,
+                        repeats: int = 5) -> float | None:
     """Best FLOP/s of a square matmul of ``size`` in ``dtype`` (the denominator of MFU): 2048 on a CPU, 8192 on a
-    GPU, where smaller products leave the chip partly idle (an H200 gives about half its bf16 rate at 2048)."""
+    GPU, where smaller products leave the chip partly idle (an H200 gives about half its bf16 rate at 2048).
+    None where the device has no native ``dtype`` matmul (:func:`native_matmul`): MFU is then not reported."""
+    if not native_matmul(dtype, device):
+        return None
     size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
@@ -158,9 +168,9 @@ def run_bench(method: str = "sft", model: str = "default", data: str | None = No
             "tokens_per_s": round(counts["tokens"] / elapsed, 2),
             "trained_tokens_per_s": round(counts["trained"] / elapsed, 2),
             "step_time_s": round(elapsed / steps, 4),
-            "mfu": round(model_flops / elapsed / peak, 4),
+            "mfu": round(model_flops / elapsed / peak, 4) if peak else None,
             "model_gflop_per_s": round(model_flops / elapsed / 1e9, 2),
-            "matmul_peak_gflop_per_s": round(peak / 1e9, 2),
+            "matmul_peak_gflop_per_s": round(peak / 1e9, 2) if peak else None,
             "matmul_params": n_matmul, "lora_params": n_lora,
             **_memory_and_machine(recipe.device), "cpus": os.cpu_count(),
         }
@@ -203,7 +213,7 @@ def run_preference_bench(method: str, model: str, data: str | None, batch_size: 
             "checkpoint_fraction": (train_options or {}).get("checkpoint_fraction", 1.0),
             "pairs_per_s": round(counts["pairs"] / elapsed, 3), "tokens_per_s": round(counts["tokens"] / elapsed, 2),
             "step_time_s": round(elapsed / steps, 4), "setup_s": round(setup_s, 2),
-            "mfu": round(per_token * counts["tokens"] / elapsed / peak, 4),
+            "mfu": round(per_token * counts["tokens"] / elapsed / peak, 4) if peak else None,
             **_memory_and_machine(recipe.device),
         }
 
