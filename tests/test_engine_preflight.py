@@ -33,7 +33,7 @@ def no_wandb_setup(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-def pretend_installed(monkeypatch, installed: set[str], missing: set[str] = frozenset()):
+def pretend_installed(monkeypatch, installed: set[str] = frozenset(), missing: set[str] = frozenset()):
     real = importlib.util.find_spec
 
     def find_spec(name, *args, **kwargs):
