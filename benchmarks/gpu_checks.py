@@ -3,7 +3,7 @@
 1. Packed rows under FlexAttention (no dense mask, block mask from position ids) give the loss and gradients of
    the same rows padded under SDPA, with gradients (CPU FlexAttention has no backward, so the suite checks the
    forward only).
-2. A short LoRA SFT run on CUDA through ``run_sft`` (bf16 autocast, validation, checkpoints) trains (its loss
+2. A short LoRA SFT run on CUDA through ``run_training`` (bf16 autocast, validation, checkpoints) trains (its loss
    falls) and writes its adapter; the non-finite guard runs in its deferred (accelerator) mode.
 
     python benchmarks/gpu_checks.py MODEL_DIR      # prints one JSON line
@@ -52,7 +52,7 @@ def flex_parity(model_dir: str) -> dict:
 def short_run(model_dir: str) -> dict:
     from tuneforge.bench import synthetic_rows
     from tuneforge.config import config_from_dict
-    from tuneforge.recipes.sft import run_sft
+    from tuneforge.engine.trainer import run_training
 
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch) / "rows.jsonl"
@@ -65,7 +65,7 @@ def short_run(model_dir: str) -> dict:
                       "log_every": 2, "seed": 0, "mixed_precision": "bf16"},
             "save": {"every": 5},
         })
-        summary = run_sft(config, log=lambda message: None)
+        summary = run_training(config, log=lambda message: None)
         metrics = [json.loads(line) for line in (Path(scratch) / "run" / "metrics.jsonl").read_text().splitlines()]
         losses = [m["loss"] for m in metrics if "loss" in m]
         adapter = (Path(scratch) / "run" / "adapter" / "adapter_model.safetensors").is_file()

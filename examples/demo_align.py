@@ -19,8 +19,7 @@ from pathlib import Path
 
 from demo_sft import evaluate_and_report, log
 from tuneforge.config import load_config
-from tuneforge.recipes import run_recipe
-from tuneforge.recipes.sft import run_sft
+from tuneforge.engine.trainer import run_training
 
 HERE = Path(__file__).parent
 
@@ -32,12 +31,12 @@ def main(overrides: list[str]) -> int:
     sft_config = load_config(HERE / "velmora_sft.yaml")
     if start_model == sft_config.train.output_dir and not (Path(start_model) / "tuneforge_run.json").is_file():
         print(f"== no SFT run at {start_model}: training the SFT stage first (as `make demo` does)", flush=True)
-        run_sft(sft_config, overwrite=True, log=log)
+        run_training(sft_config, overwrite=True, log=log)
 
     print(f"== training: DPO (beta {config.dpo.beta}, LoRA r={config.lora.r}) for {config.train.epochs} epochs "
           f"-> {config.train.output_dir}", flush=True)
     # The demo owns its run directory and replaces it on every run (a tuneforge-made folder only).
-    summary = run_recipe(config, overwrite=True, log=log)
+    summary = run_training(config, overwrite=True, log=log)
     run_dir = Path(summary["run_dir"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     start = next(r for r in records if r["step"] == 0 and "val_loss" in r)

@@ -1,7 +1,7 @@
 """The online RL demo: GRPO on the embedded default model, with a verifiable reward (is the sum right?).
 
 Trains a LoRA adapter with GRPO on 256 shipped addition prompts ("What is 23 + 14?"); the reward is 1 when the
-last number of the answer is the right sum (``tuneforge.eval.functions:exact_answer``), else 0. Answers are cut
+last number of the answer is the right sum (``tuneforge.rewards.functions:exact_answer``), else 0. Answers are cut
 at 16 new tokens, so a reply that rambles before giving a number earns nothing. Prints the held-out reward
 (accuracy on 48 additions never trained on) before training, during it and after, three held-out answers before
 and after, and writes the run's report.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from tuneforge.config import load_config
 from tuneforge.data.formats import Message
-from tuneforge.inference import Generator
-from tuneforge.recipes import run_recipe
+from tuneforge.generation import Generator
+from tuneforge.engine.trainer import run_training
 
 HERE = Path(__file__).parent
 SHOWN = 3
@@ -37,7 +37,7 @@ def main(overrides: list[str]) -> int:
           f"prompt, {config.train.batch_size} prompts per step, {config.train.max_steps} steps) -> "
           f"{config.train.output_dir}", flush=True)
     # The demo owns its run directory and replaces it on every run (a tuneforge-made folder only).
-    summary = run_recipe(config, overwrite=True, log=log)
+    summary = run_training(config, overwrite=True, log=log)
     run_dir = Path(summary["run_dir"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evaluations = [r for r in records if "val_reward" in r]

@@ -18,7 +18,7 @@ from pathlib import Path
 from tuneforge.config import load_config
 from tuneforge.eval.evaluate import EvalSettings, format_table, run_eval
 from tuneforge.eval.report import write_report
-from tuneforge.recipes.sft import run_sft
+from tuneforge.engine.trainer import run_training
 
 HERE = Path(__file__).parent
 SHOWN = 3  # generations printed before and after
@@ -51,7 +51,7 @@ def main(overrides: list[str]) -> int:
     print(f"== training: LoRA r={config.lora.r} for {config.train.epochs} epochs -> {config.train.output_dir}",
           flush=True)
     # The demo owns its run directory and replaces it on every run (a tuneforge-made folder only).
-    summary = run_sft(config, overwrite=True, log=log)
+    summary = run_training(config, overwrite=True, log=log)
     run_dir = summary["run_dir"]
     data = HERE / "data"
     report = evaluate_and_report(run_dir, config.model.name_or_path, {

@@ -7,6 +7,7 @@ import torch
 
 from conftest import TINY, build_tiny_model
 from tuneforge.bench import matmul_parameters, native_matmul, run_bench
+from tuneforge.errors import ConfigError
 
 
 def expected_matmul_parameters(vocab: int) -> int:
@@ -49,3 +50,30 @@ def test_sft_bench_counts_real_tokens_and_reports_its_settings(tiny_model_dir):
     per_token = result["model_gflop_per_s"] * 1e9 / result["tokens_per_s"]
     assert per_token >= 4 * result["matmul_params"] * (1 - 1e-3)
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_pairs_bench_counts_pairs_and_charges_the_inline_reference(tiny_model_dir):
+    # The workload is the spec's question: dpo trains on pairs, with a reference forward unless precomputed.
+    common = dict(model=str(tiny_model_dir), batch_size=2, max_length=320, steps=1, lora_r=4, rows=8)
+    inline = run_bench(method="dpo", **common)
+    assert inline["pairs_per_s"] > 0 and inline["tokens_per_s"] > 0 and inline["precompute_ref"] is False
+    cached = run_bench(method="dpo", precompute_ref=True, **common)
+    assert cached["precompute_ref"] is True
+    # simpo has no reference (and no precompute_ref option: the flag does not apply to it).
+    assert run_bench(method="simpo", precompute_ref=True, **common)["precompute_ref"] is False
+
+
+def test_online_bench_samples_its_groups(tiny_model_dir):
+    result = run_bench(method="grpo", model=str(tiny_model_dir), batch_size=2, max_length=64, steps=1, lora_r=4,
+                       generations=2, max_new_tokens=4)
+    assert result["generations"] == 2 and result["responses_per_s"] > 0 and 0 < result["sample_share"] <= 1
+    ppo = run_bench(method="ppo", model=str(tiny_model_dir), batch_size=2, max_length=64, steps=1, lora_r=4,
+                    generations=3, max_new_tokens=4)
+    assert ppo["generations"] == 1  # one response per prompt, whatever --generations says
+
+
+def test_a_method_without_a_synthetic_workload_is_refused(tiny_model_dir):
+    with pytest.raises(ConfigError, match="bench: method kto trains on unpaired rows"):
+        run_bench(method="kto", model=str(tiny_model_dir))
+    with pytest.raises(ConfigError, match=r"unknown method 'dop' \(did you mean 'dpo'\?\)"):
+        run_bench(method="dop", model=str(tiny_model_dir))

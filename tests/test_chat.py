@@ -12,7 +12,8 @@ import torch
 from tuneforge.cli import main as cli_main
 from tuneforge.data.formats import Message
 from tuneforge.data.templates import load_template
-from tuneforge.inference import Generator, _TextStreamer
+from tuneforge.generation import Generator
+from tuneforge.generation.streaming import TextStreamer
 
 from conftest import build_tiny_model
 
@@ -56,7 +57,7 @@ def test_the_streamer_cuts_at_the_stop_token_and_never_shows_half_a_character(to
     after = tokenizer(" not shown", add_special_tokens=False)["input_ids"]
     assert stop in Generator(None, tokenizer, template, torch.device("cpu")).stop_ids()
     pieces: list[str] = []
-    streamer = _TextStreamer(tokenizer, [stop], pieces.append)
+    streamer = TextStreamer(tokenizer, [stop], pieces.append)
     streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt, which generate() passes first
     for token in ids + [stop] + after:
         streamer.put(torch.tensor([token]))

@@ -28,14 +28,14 @@ def write_config(tmp_path, train_file, model, **data):
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Make loading any model (or, for preview, even its tokenizer) a test failure."""
+    import tuneforge.engine.build as build
     import tuneforge.models.loading as loading
-    import tuneforge.recipes.sft as sft
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded before the data was validated")
 
     monkeypatch.setattr(loading, "load_model", forbidden)
-    monkeypatch.setattr(sft, "load_model", forbidden)  # sft imported the name itself
+    monkeypatch.setattr(build, "load_model", forbidden)  # the trainer's model builder imported the name itself
     return forbidden
 
 

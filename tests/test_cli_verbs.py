@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 
 from tuneforge.cli import main as cli_main
+from tuneforge.recipes import registry
 
 
 @pytest.fixture
@@ -33,8 +35,12 @@ def test_help_lists_every_verb_and_every_config_option(capsys):
     with pytest.raises(SystemExit):
         cli_main(["train", "--help"])
     text = capsys.readouterr().out
-    for key in ("lora.r", "train.lr", "data.template", "eval.patience", "save.every", "distributed.strategy"):
+    for key in ("lora.r", "train.lr", "data.template", "eval.patience", "save.every", "distributed.strategy",
+                "dpo.beta", "grpo.num_generations", "ppo.kl_coef", "reward.center_coefficient"):
         assert key in text
+    # Every registered method with its summary (the registry, not a list kept in the CLI).
+    for name, spec in registry.methods().items():
+        assert re.search(rf"^ +{name} +{re.escape(spec.summary)}$", text, re.MULTILINE), name
 
 
 def test_generate_and_chat_use_the_run(trained_run, capsys, monkeypatch):

@@ -9,7 +9,7 @@ import torch
 from tuneforge.config import config_from_dict
 from tuneforge.errors import ConfigError
 from tuneforge.models.adapters import decoder_and_head
-from tuneforge.recipes.sft import SFTRecipe
+from tuneforge.engine.trainer import Trainer
 
 # Compiled kernels fuse and reorder float32 arithmetic, so losses agree closely but not bit for bit.
 COMPILE_RTOL = 1e-4
@@ -19,8 +19,8 @@ def quiet(_message):
     pass
 
 
-def run(config) -> tuple[SFTRecipe, list[dict]]:
-    recipe = SFTRecipe(config, log=quiet, show_progress=False, run_dir=False)
+def run(config) -> tuple[Trainer, list[dict]]:
+    recipe = Trainer(config, log=quiet, show_progress=False, run_dir=False)
     recipe.setup()
     recipe.train()
     return recipe, [record for record in recipe.history if "loss" in record or "val_loss" in record]
@@ -46,7 +46,7 @@ def test_compiled_run_matches_the_eager_run(make_config, qa_file):
         for key in ("loss", "grad_norm", "val_loss"):
             if key in want:
                 assert got[key] == pytest.approx(want[key], rel=COMPILE_RTOL), (got["step"], key)
-    widths = {batch.input_ids.shape[1] for batch in recipe._epoch_batches(shuffle=False)}
+    widths = {batch.input_ids.shape[1] for batch in recipe.epoch_batches(shuffle=False)}
     assert len(widths) > 1  # batches of several lengths went through the compiled decoder...
     # ...compiled once for training and once for evaluation (eval mode, no grad), not once per length.
     assert counters["stats"]["unique_graphs"] <= 2
@@ -61,7 +61,7 @@ def test_a_missing_cpp_compiler_is_a_clear_error(make_config, qa_file, monkeypat
         raise exc.InvalidCxxCompiler()
 
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
-    recipe = SFTRecipe(make_config(qa_file, train={"max_steps": 1, "compile": True}), log=quiet,
+    recipe = Trainer(make_config(qa_file, train={"max_steps": 1, "compile": True}), log=quiet,
                        show_progress=False, run_dir=False)
     with pytest.raises(ConfigError, match=r"train.compile: torch.compile on CPU .* needs a C\+\+ compiler"):
         recipe.setup()

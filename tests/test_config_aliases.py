@@ -17,6 +17,7 @@ from tuneforge.cli import main as cli_main
 from tuneforge.config import RunConfig, config_from_dict, describe_options, load_config
 from tuneforge.config_aliases import ALIASES, REFUSED
 from tuneforge.errors import ConfigError
+from tuneforge.recipes import registry
 
 # A valid value, other than the default, for every key an alias stands for.
 VALUES = {
@@ -45,14 +46,15 @@ def with_data(train_file: str, section: str = "", name: str = "", value=None) ->
 
 
 def test_every_alias_names_a_real_key_and_is_tested():
-    sections = typing.get_type_hints(RunConfig)
-    keys = {f"{s.name}.{f.name}" for s in dataclasses.fields(RunConfig) if s.name != "method"
-            for f in dataclasses.fields(sections[s.name])}
+    # The shared sections (dataclass fields of RunConfig) and the method sections of the registry.
+    sections = {name: cls for name, cls in typing.get_type_hints(RunConfig).items() if dataclasses.is_dataclass(cls)}
+    sections.update(registry.sections())
+    keys = {f"{name}.{f.name}" for name, cls in sections.items() for f in dataclasses.fields(cls)}
     assert set(ALIASES.values()) <= keys
     assert set(VALUES) == set(ALIASES.values())
     assert not set(ALIASES) & set(REFUSED)
     for _name, (section, hint) in REFUSED.items():
-        assert section in {s.name for s in dataclasses.fields(RunConfig)}
+        assert section in sections
         assert any(key in hint for key in keys), hint  # each refusal names the tuneforge key to use
 
 

@@ -1,12 +1,19 @@
-"""Config loading: YAML quirks, dotted overrides, paths relative to the config file."""
+"""Config loading: YAML quirks, dotted overrides, paths relative to the config file; method sections from the
+registry and the options checked against what a method supports."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import pickle
+
 import pytest
 
-from tuneforge.config import TEMPLATE_NAMES, apply_overrides, config_from_dict, load_config, parse_override
+from tuneforge.config import (TEMPLATE_NAMES, RunConfig, apply_overrides, config_from_dict, load_config,
+                              parse_override)
 from tuneforge.data.templates import BUILTIN
 from tuneforge.errors import ConfigError
+from tuneforge.recipes import registry
 
 
 def write(path, text):
@@ -104,3 +111,66 @@ def test_missing_config_file(tmp_path):
 
 def test_template_names_match_the_templates_module():
     assert set(TEMPLATE_NAMES) == {"auto", "tokenizer", *BUILTIN}
+
+
+# ------------------------------------------------------------------------------------- method sections
+def test_method_sections_come_from_the_registry_and_read_as_attributes():
+    config = config_from_dict({"method": "rloo", "data": {"train": "p.jsonl"},
+                               "grpo": {"reward_functions": ["a:b"], "beta": 0.2}, "dpo": {"beta": 0.3}})
+    assert set(config.sections) == set(registry.sections())
+    assert config.grpo.beta == 0.2 and config.dpo.beta == 0.3 and config.kto.beta == 0.1  # the others: defaults
+    assert config.method_section is config.grpo  # rloo reads grpo's section
+    assert RunConfig().method_section is None  # sft has none
+    values = config.to_dict()
+    assert "sections" not in values and values["grpo"]["beta"] == 0.2 and values["dpo"]["beta"] == 0.3
+    assert config_from_dict(values) == config  # config.yaml reads back as the same config
+    with pytest.raises(AttributeError, match="no attribute 'rollout'"):
+        config.rollout
+
+
+def test_a_run_config_copies_without_sharing_its_sections():
+    config = config_from_dict({"method": "dpo", "data": {"train": "p.jsonl"}})
+    other = dataclasses.replace(config, method="kto")
+    other.dpo = type(config.dpo)(beta=0.5)  # replaces the section of `other` only
+    assert config.dpo.beta == 0.1 and other.dpo.beta == 0.5 and other.method_section is other.kto
+    assert pickle.loads(pickle.dumps(config)) == config and copy.deepcopy(config) == config
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"method": "dpoo"}, r"method: unknown method 'dpoo' \(did you mean 'dpo'\?\); use one of .*sft"),
+    ({"method": 3}, "method: expected a string, got 3"),
+    ({"dpoo": {}}, r"unknown config key 'dpoo' \(did you mean 'dpo'\?\)"),
+    ({"sections": {}}, r"unknown config key 'sections' \(known keys: method, model, .*, dpo"),
+    ({"dpo": {"betta": 1}}, r"unknown config key 'dpo\.betta' \(did you mean 'dpo\.beta'\?\)"),
+    ({"dpo": 3}, r"dpo: expected a section \(mapping\), got 3"),
+    ({"dpo": {"beta": 0}}, r"dpo\.beta: 0\.0 is out of range"),  # another method's section is checked too
+    ({"ppo": {"top_p": 2}}, r"ppo\.top_p: 2\.0 is out of range"),  # a range of the shared rollout section
+    ({"ppo": {"lam": 2}}, r"ppo\.lam: 2\.0 is out of range; it must be between 0\.0 and 1\.0"),
+])
+def test_method_section_errors(values, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"data": {"train": "t.jsonl"}, **values})
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"method": "grpo", "data": {"packing": True}}, "data.packing: method grpo .* packing is for sft only"),
+    ({"method": "orpo", "data": {"train_on_prompt": True}}, "data.train_on_prompt: method orpo scores the responses"),
+    ({"method": "ppo", "data": {"group_by_length": True}}, "data.group_by_length: method ppo batches prompts"),
+    ({"method": "kto", "data": {"streaming": True}, "train": {"max_steps": 2}},
+     r"data\.streaming: supported for method sft only \(method kto"),
+    ({"method": "ppo", "data": {"val_fraction": 0.1}}, "eval.metric: method ppo evaluates by generating"),
+    ({"method": "grpo", "distributed": {"strategy": "fsdp"}}, "distributed.strategy: method grpo generates with"),
+    ({"method": "dpo", "dpo": {"label_smoothing": 0.1}}, "dpo.label_smoothing=0.1 has no effect with dpo.loss"),
+])
+def test_options_are_checked_against_what_the_method_supports(values, message):
+    values = {**values, "data": {"train": "t.jsonl", **values.get("data", {})}}
+    for key in ("grpo", "ppo"):
+        values.setdefault(key, {"reward_functions": ["a:b"]})
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(values)
+
+
+def test_a_section_check_runs_for_its_own_method_only():
+    # dpo's check of its own options does not stop a run of another method, which ignores the dpo section.
+    config = config_from_dict({"data": {"train": "t.jsonl"}, "dpo": {"label_smoothing": 0.1}})
+    assert config.dpo.label_smoothing == 0.1

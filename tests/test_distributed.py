@@ -112,14 +112,15 @@ def test_resume_with_another_number_of_processes_is_refused(make_config, qa_file
     continue on 2 (checked before any model or process group is touched)."""
     from tuneforge.engine.distributed import DistInfo
     from tuneforge.errors import UserError
-    from tuneforge.recipes import sft
+    from tuneforge.engine import trainer
+    from tuneforge.engine.trainer import run_training
 
     config = make_config(qa_file, train={"max_steps": 2}, save={"every": 1})
-    sft.run_sft(config, log=lambda m: None)
-    monkeypatch.setattr(sft, "init_distributed", lambda cfg: DistInfo(rank=0, world_size=2))
+    run_training(config, log=lambda m: None)
+    monkeypatch.setattr(trainer, "init_distributed", lambda cfg: DistInfo(rank=0, world_size=2))
     with pytest.raises(UserError, match="trained with 1 process.* this run has 2"):
-        sft.run_sft(make_config(qa_file, train={"max_steps": 3}, save={"every": 1}), log=lambda m: None,
-                    resume=True)
+        run_training(make_config(qa_file, train={"max_steps": 3}, save={"every": 1}), log=lambda m: None,
+                     resume=True)
 
 
 @pytest.mark.parametrize("method,strategy,lora,precompute", [

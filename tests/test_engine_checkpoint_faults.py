@@ -19,7 +19,7 @@ from tuneforge.cli import main as cli_main
 from tuneforge.config import config_from_dict
 from tuneforge.engine import checkpoint as ckpt
 from tuneforge.errors import UserError
-from tuneforge.recipes.sft import run_sft
+from tuneforge.engine.trainer import run_training
 
 from conftest import QA_ROWS, write_jsonl
 
@@ -164,7 +164,7 @@ def two_step_run(make_config, tmp_path):
     """A finished 2-step run with checkpoints 1 and 2, and its config file."""
     rows = write_jsonl(tmp_path / "rows.jsonl", QA_ROWS[:16])
     config = make_config(rows, train={"max_steps": 2}, save={"every": 1, "keep_last": 5})
-    run_sft(config, log=lambda _: None)
+    run_training(config, log=lambda _: None)
     run_dir = tmp_path / "run"
     return run_dir / "config.yaml", run_dir
 

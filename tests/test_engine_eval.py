@@ -17,7 +17,7 @@ from tuneforge.engine.checkpoint import TrainState
 from tuneforge.engine.early_stopping import overfitting_start, record_evaluation, should_stop
 from tuneforge.engine.metrics import read_metrics
 from tuneforge.errors import ConfigError
-from tuneforge.recipes.sft import SFTRecipe, run_sft
+from tuneforge.engine.trainer import Trainer, run_training
 
 
 def quiet(_message):
@@ -122,17 +122,17 @@ def scripted(monkeypatch):
 
     def install(val_losses, train_losses=None):
         values = iter(val_losses)
-        monkeypatch.setattr(SFTRecipe, "evaluate",
+        monkeypatch.setattr(Trainer, "evaluate",
                             lambda self: {"val_loss": (v := next(values)), "val_perplexity": math.exp(v)})
         if train_losses is not None:
             losses = iter(train_losses)
-            real = SFTRecipe.train_step
+            real = Trainer.train_step
 
             def train_step(self, window):
                 _, grad_norm = real(self, window)
                 return torch.tensor(next(losses)), grad_norm
 
-            monkeypatch.setattr(SFTRecipe, "train_step", train_step)
+            monkeypatch.setattr(Trainer, "train_step", train_step)
 
     return install
 
@@ -159,7 +159,7 @@ def test_early_stopping_stops_keeps_the_best_and_saves_the_chosen_weights(make_c
     # 24 rows, batch 4: 6 planned steps; evaluation every step; patience 2.
     config = make_config(qa_file, train={"lr": 1e-2}, eval={"every": 1, "patience": 2, "final": final},
                          save={"keep_last": 1})
-    summary = run_sft(config, log=messages.append)
+    summary = run_training(config, log=messages.append)
     run_dir = tmp_path / "run"
     assert (summary["stop_reason"], summary["steps"]) == ("early_stopping", 4)
     assert (summary["best_step"], summary["best_metric"]) == (2, 2.5)
@@ -182,7 +182,7 @@ def test_overfitting_is_reported_when_validation_rises_while_training_falls(make
     scripted([3.0, 2.5, 2.6, 2.7], train_losses=[5.0, 4.0, 3.0, 2.0])
     messages = []
     config = make_config(qa_file, train={"max_steps": 4}, eval={"every": 1})
-    summary = run_sft(config, log=messages.append)
+    summary = run_training(config, log=messages.append)
     assert summary["stop_reason"] == "max_steps"  # a warning, not a stop (patience 0)
     assert summary["overfitting_from_step"] == 2
     warnings = [m for m in messages if "is overfitting" in m]
@@ -193,7 +193,7 @@ def test_overfitting_is_reported_when_validation_rises_while_training_falls(make
 def test_no_overfitting_warning_while_training_loss_also_rises(make_config, qa_file, scripted):
     scripted([3.0, 2.5, 2.6, 2.7], train_losses=[5.0, 4.0, 4.5, 4.6])
     messages = []
-    summary = run_sft(make_config(qa_file, train={"max_steps": 4}, eval={"every": 1}), log=messages.append)
+    summary = run_training(make_config(qa_file, train={"max_steps": 4}, eval={"every": 1}), log=messages.append)
     assert summary["overfitting_from_step"] is None
     assert not any("is overfitting" in m for m in messages)
 
@@ -202,7 +202,7 @@ def test_training_loss_for_the_overfitting_check_is_the_mean_since_the_last_eval
                                                                                       scripted):
     # Evaluations at steps 2 and 4 (every 2) and the final one at 5.
     scripted([3.0, 3.1, 3.2], train_losses=[6.0, 4.0, 3.0, 2.0, 1.0])
-    recipe = SFTRecipe(make_config(qa_file, train={"max_steps": 5}, eval={"every": 2}), log=quiet,
+    recipe = Trainer(make_config(qa_file, train={"max_steps": 5}, eval={"every": 2}), log=quiet,
                        show_progress=False, run_dir=False)
     recipe.setup()
     summary = recipe.train()
@@ -212,7 +212,7 @@ def test_training_loss_for_the_overfitting_check_is_the_mean_since_the_last_eval
 
 def test_summary_fields_and_curves_after_a_run_with_validation(make_config, qa_file, tmp_path):
     config = make_config(qa_file, data={"val_fraction": 0.25}, train={"epochs": 2, "lr": 1e-2})
-    summary = run_sft(config, log=quiet)
+    summary = run_training(config, log=quiet)
     run_dir = tmp_path / "run"
     on_file = json.loads((run_dir / "summary.json").read_text())
     records = read_metrics(run_dir / "metrics.jsonl")

@@ -19,8 +19,8 @@ from tuneforge.engine import lock as lock_module
 from tuneforge.engine.lock import LOCK_FILE, RunLock, RunLockedError
 from tuneforge.engine.rundir import check_run_dir, prepare_run_dir
 from tuneforge.errors import UserError
-from tuneforge.recipes import sft
-from tuneforge.recipes.sft import NonFiniteLossError, SFTRecipe, run_sft
+from tuneforge.engine import build
+from tuneforge.engine.trainer import NonFiniteLossError, Trainer, run_training
 
 from conftest import QA_ROWS, poison_loss, write_jsonl
 
@@ -45,7 +45,7 @@ def snapshot(folder: Path) -> dict:
 def finished_run(make_config, tmp_path):
     rows = write_jsonl(tmp_path / "rows.jsonl", QA_ROWS[:16])
     config = make_config(rows, train={"max_steps": 2}, save={"every": 1})
-    run_sft(config, log=quiet)
+    run_training(config, log=quiet)
     run_dir = tmp_path / "run"
     return run_dir / "config.yaml", run_dir
 
@@ -71,7 +71,7 @@ def test_a_live_run_refuses_train_overwrite_and_resume_and_a_dead_ones_lock_is_s
         raise AssertionError("a model was loaded for a run that may not start")
 
     with monkeypatch.context() as patch:
-        patch.setattr(sft, "load_model", no_model)
+        patch.setattr(build, "load_model", no_model)
         for flags in (["--overwrite"], ["--resume"], []):
             assert cli_main(["train", str(config_file), *flags]) == 2, flags
             err = capsys.readouterr().err.strip().splitlines()
@@ -91,7 +91,7 @@ def test_a_live_run_refuses_train_overwrite_and_resume_and_a_dead_ones_lock_is_s
 def test_the_lock_is_held_through_overwrite_for_the_whole_run(finished_run, make_config, tmp_path):
     _, run_dir = finished_run
     rows = write_jsonl(tmp_path / "other.jsonl", QA_ROWS[:8])
-    recipe = SFTRecipe(make_config(rows, train={"max_steps": 1}), overwrite=True, log=quiet, show_progress=False)
+    recipe = Trainer(make_config(rows, train={"max_steps": 1}), overwrite=True, log=quiet, show_progress=False)
     recipe.setup()
     # --overwrite cleared the old run (its checkpoints are gone) but not the lock, which names this process.
     assert not (run_dir / "checkpoints").exists()
@@ -109,7 +109,7 @@ def test_the_lock_is_held_through_overwrite_for_the_whole_run(finished_run, make
 def test_the_lock_is_released_when_the_run_fails(make_config, qa_file, tmp_path, monkeypatch):
     poison_loss(monkeypatch, 2, only=True)
     with pytest.raises(NonFiniteLossError):
-        run_sft(make_config(qa_file, train={"max_steps": 3}), log=quiet)
+        run_training(make_config(qa_file, train={"max_steps": 3}), log=quiet)
     run_dir = tmp_path / "run"
     assert not (run_dir / LOCK_FILE).exists()
     RunLock.acquire(run_dir).release()
@@ -119,7 +119,7 @@ def test_a_refused_start_leaves_no_folder_behind(make_config, tmp_path):
     # A missing data file fails after the lock was taken (it created the folder): the folder goes with the lock.
     config = make_config(tmp_path / "missing.jsonl", train={"output_dir": str(tmp_path / "a" / "b" / "run")})
     with pytest.raises(UserError, match="missing.jsonl"):
-        run_sft(config, log=quiet)
+        run_training(config, log=quiet)
     assert not (tmp_path / "a").exists()
 
 

@@ -16,7 +16,7 @@ from tuneforge.engine.metrics import MetricsLog, read_metrics
 from tuneforge.engine.plots import plot_runs
 from tuneforge.engine.signals import EXIT_CODES, StopRequest
 from tuneforge.errors import ConfigError, UserError
-from tuneforge.recipes.sft import run_sft
+from tuneforge.engine.trainer import run_training
 
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
 
@@ -184,7 +184,7 @@ def test_tensorboard_logger_writes_events_under_the_run_directory(make_config, q
 
     config = make_config(qa_file, train={"max_steps": 3}, data={"val_fraction": 0.25},
                          log={"loggers": ["tensorboard"]})
-    run_sft(config, log=quiet)
+    run_training(config, log=quiet)
     folder = tmp_path / "run" / "tensorboard"
     events = list(folder.glob("events.out.tfevents.*"))
     assert len(events) == 1 and events[0].stat().st_size > 0

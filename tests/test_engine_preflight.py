@@ -14,8 +14,8 @@ from tuneforge.engine.metrics import MetricsLog
 from tuneforge.engine.rundir import check_run_dir
 from tuneforge.errors import UserError
 from tuneforge.models.loading import RUN_MARKER
-from tuneforge.recipes import sft
-from tuneforge.recipes.sft import run_sft
+from tuneforge.engine import build
+from tuneforge.engine.trainer import run_training
 
 WANDB_VARIABLES = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DISABLED", "WANDB_BASE_URL", "WANDB_CONFIG_DIR", "NETRC")
 
@@ -51,7 +51,7 @@ def no_model(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded before the run was checked")
 
-    monkeypatch.setattr(sft, "load_model", forbidden)
+    monkeypatch.setattr(build, "load_model", forbidden)
 
 
 def train_config(tmp_path, qa_file, tiny_model_dir):
@@ -142,12 +142,12 @@ def test_a_failed_start_does_not_block_its_retry(make_config, qa_file, tmp_path,
         patch.setattr(torch.utils.tensorboard, "SummaryWriter",
                       lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no server")))
         with pytest.raises(UserError, match="tensorboard failed to start"):
-            run_sft(config, log=quiet)
+            run_training(config, log=quiet)
     run_dir = tmp_path / "run"
     assert (run_dir / "config.yaml").is_file()  # what the failed start left
     assert torch.utils.tensorboard.SummaryWriter is real
     messages = []
-    summary = run_sft(config, log=messages.append)  # the same command again, no overwrite
+    summary = run_training(config, log=messages.append)  # the same command again, no overwrite
     assert summary["steps"] == 1 and (run_dir / RUN_MARKER).is_file()
     assert f"replacing {run_dir}: the leftovers of a run that never completed a step" in messages
 

@@ -22,7 +22,7 @@ from tuneforge.engine import checkpoint as ckpt
 from tuneforge.engine.metrics import read_metrics
 from tuneforge.errors import UserError
 from tuneforge.models.loading import RUN_MARKER
-from tuneforge.recipes.sft import NonFiniteLossError, SFTRecipe, run_sft
+from tuneforge.engine.trainer import NonFiniteLossError, Trainer, run_training
 
 from conftest import QA_ROWS, poison_loss, write_jsonl
 
@@ -37,7 +37,7 @@ TOTAL_STEPS = STEPS_PER_EPOCH * EPOCHS
 CHILD = r"""
 import os, signal, sys
 from tuneforge.engine import checkpoint
-from tuneforge.recipes.sft import SFTRecipe
+from tuneforge.engine.trainer import Trainer
 from tuneforge.cli import main
 
 mode, step, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
@@ -57,13 +57,13 @@ elif mode == "kill-while-saving":  # dies with the weights of `step` written but
             os.kill(os.getpid(), signal.SIGKILL)
     checkpoint.save_file = write_then_die
 elif mode == "term-after-step":  # SIGTERM arrives during optimiser step `step`
-    train_step = SFTRecipe.train_step
+    train_step = Trainer.train_step
     def step_then_term(self, window):
         result = train_step(self, window)
         if self.state.step + 1 == step:
             os.kill(os.getpid(), signal.SIGTERM)
         return result
-    SFTRecipe.train_step = step_then_term
+    Trainer.train_step = step_then_term
 sys.exit(main(argv))
 """
 
@@ -222,7 +222,7 @@ def qa_run(make_config, qa_file, tmp_path):
         sections = {"train": {"max_steps": 3}, "save": {"every": 1, "keep_last": 5}, **sections}
         return make_config(qa_file, **sections)
 
-    run_sft(make(), log=quiet)
+    run_training(make(), log=quiet)
     return make, tmp_path / "run"
 
 
@@ -235,7 +235,7 @@ def test_an_incomplete_newest_checkpoint_is_reported_and_skipped(qa_run):
     reference = adapter(run_dir)
     _unmark(ckpt.checkpoint_dir(run_dir, 3))
     messages = []
-    summary = run_sft(make(), log=messages.append, resume=True)
+    summary = run_training(make(), log=messages.append, resume=True)
     assert f"ignoring incomplete checkpoint {ckpt.checkpoint_dir(run_dir, 3)} (missing COMPLETE)" in messages
     assert any(m.startswith(f"resumed from {ckpt.checkpoint_dir(run_dir, 2)} at step 2") for m in messages)
     assert summary["steps"] == 3
@@ -251,7 +251,7 @@ def test_only_incomplete_checkpoints_is_an_error(qa_run):
     (run_dir / "checkpoints" / ".staging-step-00000004").mkdir()
     messages = []
     with pytest.raises(UserError, match=r"no complete checkpoint .*\(3 incomplete one\(s\) ignored\)"):
-        run_sft(make(), log=messages.append, resume=True)
+        run_training(make(), log=messages.append, resume=True)
     # The empty staging folder is a leftover of a save that never finished: reported, and cleaned up.
     assert any(m.startswith("ignoring incomplete checkpoint") and ".staging-step-00000004" in m for m in messages)
     assert not (run_dir / "checkpoints" / ".staging-step-00000004").exists()
@@ -261,11 +261,11 @@ def test_no_checkpoint_is_an_error_never_a_fresh_start(make_config, qa_file, tmp
     config = make_config(qa_file, train={"max_steps": 1})
     run_dir = tmp_path / "run"
     with pytest.raises(UserError, match="no complete checkpoint .*nothing to resume"):
-        run_sft(config, log=quiet, resume=True)
+        run_training(config, log=quiet, resume=True)
     assert not run_dir.exists()  # nothing was trained or written
     (run_dir / "checkpoints").mkdir(parents=True)
     with pytest.raises(UserError, match="no complete checkpoint"):
-        run_sft(config, log=quiet, resume=True)
+        run_training(config, log=quiet, resume=True)
     assert list(run_dir.rglob("*")) == [run_dir / "checkpoints"]
 
 
@@ -273,11 +273,11 @@ def test_explicit_checkpoint_must_exist_and_be_complete(qa_run, capsys):
     make, run_dir = qa_run
     _unmark(ckpt.checkpoint_dir(run_dir, 2))
     with pytest.raises(UserError, match="is incomplete"):
-        run_sft(make(), log=quiet, resume=str(ckpt.checkpoint_dir(run_dir, 2)))
+        run_training(make(), log=quiet, resume=str(ckpt.checkpoint_dir(run_dir, 2)))
     with pytest.raises(UserError, match="does not exist"):
-        run_sft(make(), log=quiet, resume=str(run_dir / "checkpoints" / "step-00000009"))
+        run_training(make(), log=quiet, resume=str(run_dir / "checkpoints" / "step-00000009"))
     with pytest.raises(UserError, match="is not a checkpoint"):
-        run_sft(make(), log=quiet, resume=str(run_dir))  # the run directory, not one of its checkpoints
+        run_training(make(), log=quiet, resume=str(run_dir))  # the run directory, not one of its checkpoints
     # Through the CLI: one line and exit code 2, no traceback.
     config_file = run_dir / "config.yaml"
     assert cli_main(["train", str(config_file), "--resume", str(ckpt.checkpoint_dir(run_dir, 2))]) == 2
@@ -287,7 +287,7 @@ def test_explicit_checkpoint_must_exist_and_be_complete(qa_run, capsys):
 def test_explicit_checkpoint_resumes_from_that_step(qa_run):
     make, run_dir = qa_run
     messages = []
-    summary = run_sft(make(), log=messages.append, resume=str(ckpt.checkpoint_dir(run_dir, 1)))
+    summary = run_training(make(), log=messages.append, resume=str(ckpt.checkpoint_dir(run_dir, 1)))
     assert any(m.startswith(f"resumed from {ckpt.checkpoint_dir(run_dir, 1)} at step 1") for m in messages)
     assert summary["steps"] == 3
     assert [s for s, _ in train_losses(run_dir)] == [1, 2, 3]
@@ -298,7 +298,7 @@ def test_an_explicit_checkpoint_resumed_into_a_new_output_dir(qa_run, make_confi
     branch = tmp_path / "branch"
     config = make_config(qa_file, train={"max_steps": 4, "output_dir": str(branch)}, save={"every": 1})
     try:
-        summary = run_sft(config, log=quiet, resume=str(ckpt.checkpoint_dir(run_dir, 2)))
+        summary = run_training(config, log=quiet, resume=str(ckpt.checkpoint_dir(run_dir, 2)))
     except UserError:
         return  # refusing clearly is acceptable too
     assert summary["steps"] == 4 and (branch / RUN_MARKER).is_file()
@@ -309,7 +309,7 @@ def test_resuming_an_older_checkpoint_with_another_lr_replaces_the_later_checkpo
     make, run_dir = qa_run
     old = checkpoint_weights(ckpt.checkpoint_dir(run_dir, 3))
     # train.lr does not change what is trained, so no --force is needed.
-    run_sft(make(train={"max_steps": 3, "lr": 5e-2}), log=quiet, resume=str(ckpt.checkpoint_dir(run_dir, 1)))
+    run_training(make(train={"max_steps": 3, "lr": 5e-2}), log=quiet, resume=str(ckpt.checkpoint_dir(run_dir, 1)))
     new = checkpoint_weights(ckpt.checkpoint_dir(run_dir, 3))
     assert_same_weights(new, adapter(run_dir))
     assert any((new[n] - old[n]).abs().max() > 1e-4 for n in new)
@@ -320,11 +320,11 @@ def test_a_changed_learning_rate_applies_after_resume(make_config, qa_file, tmp_
         return make_config(qa_file, train={"max_steps": 4, "lr": lr, "weight_decay": weight_decay,
                                            "scheduler": "linear", "warmup_steps": 0}, save={"every": 1, "keep_last": 4})
 
-    run_sft(make(1e-3, 0.0), log=quiet)
+    run_training(make(1e-3, 0.0), log=quiet)
     # Back to step 2 of 4: the linear schedule is at factor 1/2 for step 3.
     for step in (3, 4):
         _unmark(ckpt.checkpoint_dir(tmp_path / "run", step))
-    recipe = SFTRecipe(make(4e-3, 0.1), log=quiet, show_progress=False, resume=True)
+    recipe = Trainer(make(4e-3, 0.1), log=quiet, show_progress=False, resume=True)
     recipe.setup()
     assert recipe.state.step == 2
     assert recipe.scheduler.get_last_lr() == pytest.approx([2e-3])  # LoRA: one group (no 1-D parameters)
@@ -338,7 +338,7 @@ def test_a_changed_learning_rate_applies_after_resume(make_config, qa_file, tmp_
 
 def test_resuming_a_finished_run_trains_no_further(qa_run):
     make, run_dir = qa_run
-    summary = run_sft(make(), log=quiet, resume=True)
+    summary = run_training(make(), log=quiet, resume=True)
     assert summary["steps"] == 3
 
 
@@ -359,7 +359,7 @@ def test_checkpoints_record_the_elapsed_time(qa_run):
 def test_resume_refuses_a_config_that_changes_what_is_trained(qa_run, changes, keys):
     make, run_dir = qa_run
     with pytest.raises(UserError) as error:
-        run_sft(make(**changes), log=quiet, resume=True)
+        run_training(make(**changes), log=quiet, resume=True)
     message = str(error.value)
     assert "--force" in message
     for key in keys:
@@ -369,7 +369,7 @@ def test_resume_refuses_a_config_that_changes_what_is_trained(qa_run, changes, k
 
 def test_force_resumes_with_another_batch_size(qa_run):
     make, run_dir = qa_run
-    summary = run_sft(make(train={"max_steps": 5, "batch_size": 2}), log=quiet, resume=True, force=True)
+    summary = run_training(make(train={"max_steps": 5, "batch_size": 2}), log=quiet, resume=True, force=True)
     assert summary["steps"] == 5
     assert [s for s, _ in train_losses(run_dir)] == [1, 2, 3, 4, 5]
 
@@ -377,12 +377,12 @@ def test_force_resumes_with_another_batch_size(qa_run):
 def test_force_with_another_lora_rank_is_a_clear_error(qa_run):
     make, _ = qa_run
     with pytest.raises(UserError, match="shape"):
-        run_sft(make(lora={"r": 8, "alpha": 8}), log=quiet, resume=True, force=True)
+        run_training(make(lora={"r": 8, "alpha": 8}), log=quiet, resume=True, force=True)
 
 
 def test_unrelated_changes_are_allowed_on_resume(qa_run):
     make, run_dir = qa_run
-    summary = run_sft(make(train={"max_steps": 6, "log_every": 2}), log=quiet, resume=True)
+    summary = run_training(make(train={"max_steps": 6, "log_every": 2}), log=quiet, resume=True)
     assert summary["steps"] == 6
     # Steps 1-3 from the first run, then every second step.
     assert [s for s, _ in train_losses(run_dir)] == [1, 2, 3, 4, 6]
@@ -402,7 +402,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(make_conf
     monkeypatch.setattr(ckpt, "save_file", save_file)
     config = make_config(qa_file, train={"max_steps": 3}, save={"every": 1, "keep_last": 1})
     with pytest.raises(OSError) as error:
-        run_sft(config, log=quiet)
+        run_training(config, log=quiet)
     assert error.value.errno == errno.ENOSPC
     run_dir = tmp_path / "run"
     assert complete_steps(run_dir) == [1]
@@ -410,12 +410,12 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(make_conf
     assert not (run_dir / RUN_MARKER).exists()
 
     # The surviving checkpoint loads, and a resume with the disk freed finishes the run.
-    recipe = SFTRecipe(config, log=quiet, show_progress=False, run_dir=False)
+    recipe = Trainer(config, log=quiet, show_progress=False, run_dir=False)
     recipe.setup()
     state = ckpt.load_checkpoint(ckpt.checkpoint_dir(run_dir, 1), recipe.model, recipe.optimizer, recipe.scheduler)
     assert (state.step, state.epoch_position) == (1, 1)
     monkeypatch.setattr(ckpt, "save_file", real_save)
-    assert run_sft(config, log=quiet, resume=True)["steps"] == 3
+    assert run_training(config, log=quiet, resume=True)["steps"] == 3
     assert complete_steps(run_dir) == [3]
 
 
@@ -440,7 +440,7 @@ def test_failed_save_removes_its_staging_folder_and_leaves_others(tmp_path, monk
 def test_old_checkpoints_are_removed_only_after_a_newer_one_is_complete(make_config, qa_file, tmp_path, monkeypatch):
     # Validation gets worse after step 1, so step 1 stays the best and is never pruned.
     values = iter([1.0, 2.0, 3.0, 4.0])
-    monkeypatch.setattr(SFTRecipe, "evaluate", lambda self: {"val_loss": next(values), "val_perplexity": 1.0})
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: {"val_loss": next(values), "val_perplexity": 1.0})
     real_prune = ckpt.prune_checkpoints
     seen = []
 
@@ -452,7 +452,7 @@ def test_old_checkpoints_are_removed_only_after_a_newer_one_is_complete(make_con
 
     monkeypatch.setattr(ckpt, "prune_checkpoints", prune)
     config = make_config(qa_file, train={"max_steps": 3}, save={"every": 1, "keep_last": 1}, eval={"every": 1})
-    run_sft(config, log=quiet)
+    run_training(config, log=quiet)
     run_dir = tmp_path / "run"
     assert seen == [[1], [1, 2], [1, 2, 3]]
     assert complete_steps(run_dir) == [1, 3]
@@ -464,7 +464,7 @@ def test_a_nan_loss_names_the_step_and_writes_no_checkpoint_from_it(make_config,
     poison_loss(monkeypatch, 3, only=True)
     config = make_config(qa_file, train={"max_steps": 5}, save={"every": 1, "keep_last": 5})
     with pytest.raises(NonFiniteLossError, match="step 3: the loss is nan"):
-        run_sft(config, log=quiet)
+        run_training(config, log=quiet)
     run_dir = tmp_path / "run"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
     assert [s for s, _ in train_losses(run_dir)] == [1, 2]

@@ -202,16 +202,17 @@ def test_cli_estimate_errors_exit_2(spec, tmp_path, capsys, monkeypatch):
 
 
 def test_train_prints_the_estimate_and_warns_when_it_exceeds_the_device(make_config, qa_file, monkeypatch):
-    from tuneforge.recipes import sft
+    from tuneforge.engine import build
+    from tuneforge.engine.trainer import run_training
 
     messages = []
-    sft.run_sft(make_config(qa_file, train={"max_steps": 1}), log=messages.append)
+    run_training(make_config(qa_file, train={"max_steps": 1}), log=messages.append)
     line = next(m for m in messages if m.startswith("memory estimate"))
     assert "GB per process" in line and not any(m.startswith("warning: the estimate") for m in messages)
 
-    monkeypatch.setattr(sft, "device_memory_bytes", lambda device: 1e6)  # a 1 MB device
+    monkeypatch.setattr(build, "device_memory_bytes", lambda device: 1e6)  # a 1 MB device
     messages.clear()
-    sft.run_sft(make_config(qa_file, train={"max_steps": 1}), overwrite=True, log=messages.append)
+    run_training(make_config(qa_file, train={"max_steps": 1}), overwrite=True, log=messages.append)
     assert any(m.startswith("warning: the estimate") and "exceeds" in m for m in messages)
 
 

@@ -16,9 +16,8 @@ from tuneforge.engine.metrics import read_metrics
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.eval.evaluate import ANSWER_METRICS, generation_metrics
 from tuneforge.eval.heldout import read_heldout
-from tuneforge.inference import Generation, Generator
-from tuneforge.recipes import recipe_for
-from tuneforge.recipes.sft import SFTRecipe, run_sft
+from tuneforge.generation import Generation, Generator
+from tuneforge.engine.trainer import Trainer, run_training
 
 # Held-out questions like the training rows, with a short answer for ``contains``.
 GEN_ROWS = [{**row, "answer": ["red", "blue", "green"][i % 3]} for i, row in enumerate(QA_ROWS[:6])]
@@ -60,7 +59,7 @@ def test_sft_logs_the_generation_metrics_of_the_model_at_each_evaluation(make_co
     config = make_config(qa_file, train={"lr": 3e-2},
                          eval=eval_section(gen_file, every=2, at_start=True, final="last",
                                            metric="val_gen_token_f1"))
-    summary = run_sft(config, log=quiet)
+    summary = run_training(config, log=quiet)
     run_dir = tmp_path / "run"
     records = gen_records(run_dir)
     assert [r["step"] for r in records] == [0, 2, 4, 6]
@@ -86,10 +85,10 @@ def test_generation_does_not_change_training_and_restores_train_mode(make_config
         return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
 
     plain = make_config(qa_file, train={"max_steps": 4, "output_dir": str(tmp_path / "plain")})
-    run_sft(plain, log=quiet)
+    run_training(plain, log=quiet)
     config = make_config(qa_file, train={"max_steps": 4},
                          eval=eval_section(gen_file, every=1, metric="val_gen_rouge_l"))
-    recipe = SFTRecipe(config, log=quiet, show_progress=False)
+    recipe = Trainer(config, log=quiet, show_progress=False)
     recipe.setup()
     recipe.train()
     assert len(gen_records(tmp_path / "run")) == 4
@@ -100,7 +99,7 @@ def test_generation_does_not_change_training_and_restores_train_mode(make_config
 def test_with_validation_data_the_record_holds_both(make_config, qa_file, gen_file, tmp_path):
     config = make_config(qa_file, data={"val_fraction": 0.25}, train={"max_steps": 2},
                          eval=eval_section(gen_file, generation_metrics=["stopped_rate"]))
-    run_sft(config, log=quiet)
+    run_training(config, log=quiet)
     (record,) = gen_records(tmp_path / "run")
     assert set(record) == {"step", "val_loss", "val_perplexity", "val_gen_stopped_rate"}
     assert record["val_gen_stopped_rate"] in [i / len(GEN_ROWS) for i in range(len(GEN_ROWS) + 1)]
@@ -119,9 +118,9 @@ def test_dpo_run_logs_generation_metrics(tiny_model_dir, tmp_path, gen_file):
                   "mixed_precision": "no"},
         "eval": eval_section(gen_file, every=1, final="last", generation_metrics=names),
     })
-    recipe = recipe_for("dpo")(config, log=quiet, show_progress=False)
-    recipe.setup()
-    recipe.save(recipe.train())
+    trainer = Trainer(config, log=quiet, show_progress=False)
+    trainer.setup()
+    trainer.save(trainer.train())
     records = gen_records(tmp_path / "dpo")
     assert [r["step"] for r in records] == [1, 2, 3]  # 12 training pairs, batch 4
     assert all("val_loss" in r and "val_reward_accuracy" in r for r in records)  # DPO's own metrics beside them
@@ -163,7 +162,7 @@ def test_early_stopping_on_exact_match(make_config, qa_file, gen_file, tmp_path,
     config = make_config(qa_file, eval=eval_section(gen_file, every=1, patience=2, metric="val_gen_exact_match",
                                                     mode="max", final="best"))
     messages = []
-    summary = run_sft(config, log=messages.append)
+    summary = run_training(config, log=messages.append)
     assert (summary["stop_reason"], summary["steps"]) == ("early_stopping", 4)
     assert (summary["best_step"], summary["best_metric"]) == (2, 0.5)
     assert [r["val_gen_exact_match"] for r in gen_records(tmp_path / "run")] == [2 / 6, 3 / 6, 3 / 6, 1 / 6]
@@ -184,8 +183,8 @@ def test_user_metrics_are_logged_by_function_name(make_config, qa_file, gen_file
     scripted_answers([texts])
     config = make_config(qa_file, train={"max_steps": 1}, eval=eval_section(
         gen_file, metric="val_gen_says_answer",
-        generation_metrics=["exact_match", "my_metrics.py:says_answer", "tuneforge.eval.functions:exact_answer"]))
-    run_sft(config, log=quiet)
+        generation_metrics=["exact_match", "my_metrics.py:says_answer", "tuneforge.rewards.functions:exact_answer"]))
+    run_training(config, log=quiet)
     (record,) = gen_records(tmp_path / "run")
     # says_answer (case-sensitive, anywhere in the text): rows 0, 3, 4; exact_answer (the whole text, normalised):
     # rows 1 ("Blue!" is "blue"), 3, 4; exact_match against the full reference sentences: none.
@@ -238,18 +237,18 @@ def test_generation_data_is_relative_to_the_config_file(tmp_path, gen_file, monk
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if the recipe gets as far as looking up the model."""
-    from tuneforge.recipes import sft
+    from tuneforge.engine import trainer
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was looked up before the generation data was checked")
 
-    monkeypatch.setattr(sft, "resolve_model", refuse)
+    monkeypatch.setattr(trainer, "resolve_model", refuse)
 
 
 def test_bad_generation_data_fails_before_the_model_loads(make_config, qa_file, tmp_path, no_model):
     def setup(gen_path, **extra):
         config = make_config(qa_file, eval={"generation_data": str(gen_path), "metric": "val_gen_contains", **extra})
-        SFTRecipe(config, log=quiet, show_progress=False, run_dir=False).setup()
+        Trainer(config, log=quiet, show_progress=False, run_dir=False).setup()
 
     with pytest.raises(ConfigError, match=r"^eval\.generation_data: file .*missing\.jsonl does not exist"):
         setup(tmp_path / "missing.jsonl")

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from tuneforge.errors import UserError
-from tuneforge.eval import functions
-from tuneforge.eval.functions import RewardFunctions, exact_answer, format_regex, load_callable
+from tuneforge.rewards import functions
+from tuneforge.rewards.functions import RewardFunctions, exact_answer, format_regex, load_callable
 from tuneforge.eval.metrics import (compile_pattern, contains, exact_match, is_refusal, lcs_length, regex_match,
                                     response_length, rouge_l, score_generations, stopped_by_itself, token_f1)
 
@@ -217,8 +217,8 @@ def user_file(tmp_path):
 
 
 def test_load_callable_from_a_module():
-    assert load_callable("tuneforge.eval.functions:exact_answer") is exact_answer
-    assert load_callable("tuneforge.eval.functions:format_regex") is format_regex
+    assert load_callable("tuneforge.rewards.functions:exact_answer") is exact_answer
+    assert load_callable("tuneforge.rewards.functions:format_regex") is format_regex
     assert load_callable("os.path:join")("a", "b").endswith("b")
 
 
@@ -233,13 +233,13 @@ def test_load_callable_from_a_file(user_file, monkeypatch):
 
 @pytest.mark.parametrize("spec, message", [
     ("just_a_name", "must look like 'package.module:function' or 'path/to/file.py:function'"),
-    ("tuneforge.eval.functions:", "must look like"),
-    ("tuneforge.eval.functions:not-a-name", "must look like"),
+    ("tuneforge.rewards.functions:", "must look like"),
+    ("tuneforge.rewards.functions:not-a-name", "must look like"),
     ("no_such_module_xyz:f", "module 'no_such_module_xyz' not found"),
     ("tuneforge.no_such_module:f", "module 'tuneforge.no_such_module' not found"),
-    ("tuneforge.eval.functions:missing", "has no attribute 'missing'; it defines .*exact_answer.*format_regex"),
-    ("tuneforge.eval.functions:RewardFunctions.missing", "has no attribute 'RewardFunctions.missing'"),
-    ("tuneforge.eval.functions:_SPEC_FORM", "is a str, not a function"),
+    ("tuneforge.rewards.functions:missing", "has no attribute 'missing'; it defines .*exact_answer.*format_regex"),
+    ("tuneforge.rewards.functions:RewardFunctions.missing", "has no attribute 'RewardFunctions.missing'"),
+    ("tuneforge.rewards.functions:_SPEC_FORM", "is a str, not a function"),
     ("does/not/exist.py:f", r"file does/not/exist.py not found \(relative paths are from "),
 ])
 def test_load_callable_errors(spec, message):
@@ -277,10 +277,10 @@ def test_weighted_combination():
 
 
 def test_rewards_loaded_from_specs(user_file):
-    rewards = RewardFunctions.load(["tuneforge.eval.functions:exact_answer", f"{user_file}:length_bonus"],
+    rewards = RewardFunctions.load(["tuneforge.rewards.functions:exact_answer", f"{user_file}:length_bonus"],
                                    weights=[1.0, 0.5])
     score = rewards("What is 6 * 7?", "It is 42", {"answer": "42"})
-    assert score.scores == {"tuneforge.eval.functions:exact_answer": 1.0, f"{user_file}:length_bonus": 0.8}
+    assert score.scores == {"tuneforge.rewards.functions:exact_answer": 1.0, f"{user_file}:length_bonus": 0.8}
     assert score.total == pytest.approx(1.4)
 
 
@@ -312,7 +312,7 @@ def test_reward_configuration_errors():
     with pytest.raises(UserError, match="no reward functions"):
         RewardFunctions({})
     with pytest.raises(UserError, match="listed twice"):
-        RewardFunctions.load(["tuneforge.eval.functions:exact_answer"] * 2)
+        RewardFunctions.load(["tuneforge.rewards.functions:exact_answer"] * 2)
 
 
 # ---------------------------------------------------------------------------------------- example reward functions

@@ -18,7 +18,7 @@ from tuneforge.eval.heldout import HeldoutRow
 from tuneforge.eval.intervals import bootstrap_interval, metric_interval, wilson_interval
 from tuneforge.eval.predictions import predictions_path, row_scores
 from tuneforge.data.formats import Message
-from tuneforge.inference import Generation
+from tuneforge.generation import Generation
 
 
 # ------------------------------------------------------------------------------------------------ intervals

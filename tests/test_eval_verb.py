@@ -23,11 +23,11 @@ from tuneforge.errors import ConfigError, UserError
 from tuneforge.eval import evaluate
 from tuneforge.eval.evaluate import (EvalSettings, count_wins, format_table, generation_metrics, load_settings,
                                      plan_eval, user_metric_means, write_report)
-from tuneforge.eval.functions import RewardFunctions, load_callable
+from tuneforge.rewards.functions import RewardFunctions, load_callable
 from tuneforge.eval.heldout import HeldoutRow, read_heldout
 from tuneforge.eval.metrics import stopped_by_itself
-from tuneforge.eval.scoring import RewardScorer
-from tuneforge.inference import Generation, Generator
+from tuneforge.rewards.scoring import RewardScorer
+from tuneforge.generation import Generation, Generator
 
 EOS = 2  # SmolLM2's <|im_end|>: the tokenizer's EOS and the chatml end of turn
 CONTRACT_KEYS = {"schema", "created", "data", "settings", "models", "metrics", "win_rate", "samples", "lm_eval"}
@@ -134,7 +134,7 @@ def _no_model_loads(monkeypatch):
         raise AssertionError("a model was loaded before the inputs were validated")
 
     monkeypatch.setattr(Generator, "load", refuse)
-    monkeypatch.setattr("tuneforge.inference.load_for_inference", refuse)
+    monkeypatch.setattr("tuneforge.generation.generator.load_for_inference", refuse)
 
 
 def test_bad_inputs_fail_before_any_model_loads(tiny_model_dir, tmp_path, monkeypatch, capsys):

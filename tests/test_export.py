@@ -121,9 +121,9 @@ def test_refuses_an_unsupported_architecture(tmp_path, tokenizer):
 
 
 def test_lora_run_exports_the_merged_model(make_config, qa_file, tmp_path, hf_model):
-    from tuneforge.recipes.sft import run_sft
+    from tuneforge.engine.trainer import run_training
 
-    summary = run_sft(make_config(qa_file, train={"max_steps": 2, "lr": 1e-2}), log=lambda m: None)
+    summary = run_training(make_config(qa_file, train={"max_steps": 2, "lr": 1e-2}), log=lambda m: None)
     run_dir = summary["run_dir"]
     adapted = load_model(resolve_model(run_dir)).eval()
     out = export_gguf(run_dir, tmp_path / "merged.gguf", dtype="f32")

@@ -13,11 +13,12 @@ from conftest import write_jsonl
 from tuneforge.cli import main as cli_main
 from tuneforge.config import config_from_dict
 from tuneforge.errors import ConfigError, DataError
+from tuneforge.engine.trainer import Trainer
+from tuneforge.generation import response_mask
 from tuneforge.losses import masked_mean
-from tuneforge.recipes import recipe_for
+from tuneforge.recipes import registry
+from tuneforge.recipes._online import response_forward
 from tuneforge.recipes.grpo import GRPORecipe
-from tuneforge.inference import response_mask
-from tuneforge.recipes.online import response_forward
 
 HERE = Path(__file__).resolve()
 # Prompts of different lengths, so a micro-batch has left padding.
@@ -65,19 +66,31 @@ def grpo_config(tiny_model_dir, tmp_path, train_file, method="grpo", **sections)
     return config_from_dict(values)
 
 
-def ready_recipe(config) -> GRPORecipe:
-    recipe = GRPORecipe(config, run_dir=False, log=lambda message: None, show_progress=False)
-    recipe.setup()
-    return recipe
+def ready_recipe(config) -> Trainer:
+    trainer = Trainer(config, run_dir=False, log=lambda message: None, show_progress=False)
+    trainer.setup()
+    return trainer
 
 
-def first_window(recipe: GRPORecipe) -> list:
-    batches = recipe._epoch_batches(shuffle=False)
-    return batches[:recipe.config.train.grad_accum]
+def first_window(trainer: Trainer) -> list:
+    batches = trainer.epoch_batches(shuffle=False)
+    return batches[:trainer.config.train.grad_accum]
+
+
+def step_metrics(trainer: Trainer) -> dict:
+    """The numbers the trainer would log for the step so far (its statistics' means, through the recipe)."""
+    return trainer.recipe.step_metrics(trainer.stats.means(trainer.dist.enabled))
 
 
 def test_methods_route_to_the_grpo_recipe():
-    assert recipe_for("grpo") is GRPORecipe and recipe_for("rloo") is GRPORecipe
+    assert registry.get("grpo").recipe_class() is GRPORecipe and registry.get("rloo").recipe_class() is GRPORecipe
+
+
+def test_configs_naming_the_old_module_of_the_reward_functions_still_load():
+    from tuneforge.rewards.functions import exact_answer, format_regex, load_callable
+
+    assert load_callable("tuneforge.eval.functions:exact_answer") is exact_answer
+    assert load_callable("tuneforge.eval.functions:format_regex") is format_regex
 
 
 def test_response_mask_keeps_the_first_stop_token_and_nothing_after():
@@ -91,11 +104,11 @@ def test_response_mask_keeps_the_first_stop_token_and_nothing_after():
 def test_a_group_with_identical_rewards_gives_no_gradient(tiny_model_dir, tmp_path, prompts_file, method):
     config = grpo_config(tiny_model_dir, tmp_path, prompts_file, method,
                          grpo={"beta": 0.0, "reward_functions": [spec("constant_reward")]})
-    recipe = ready_recipe(config)
-    recipe.compute_gradients(recipe.collect_rollouts(first_window(recipe)))
-    rollout = recipe.last_rollouts[0]
+    trainer = ready_recipe(config)
+    trainer.compute_gradients(trainer.recipe.collect_rollouts(first_window(trainer)))
+    rollout = trainer.recipe.last_rollouts[0]
     assert torch.equal(rollout.advantages, torch.zeros_like(rollout.advantages))
-    grads = [p.grad for p in recipe.model.parameters() if p.requires_grad]
+    grads = [p.grad for p in trainer.model.parameters() if p.requires_grad]
     assert grads and all(g is None or torch.count_nonzero(g) == 0 for g in grads)
 
 
@@ -104,12 +117,12 @@ def test_first_step_policy_is_the_reference_and_loss_matches_grpo_at_ratio_one(t
                                                                                 prompts_file, normalisation):
     config = grpo_config(tiny_model_dir, tmp_path, prompts_file, train={"grad_accum": 2},
                          grpo={"beta": 0.04, "normalisation": normalisation})
-    recipe = ready_recipe(config)
-    loss = float(recipe.compute_gradients(recipe.collect_rollouts(first_window(recipe))))
-    rollouts = recipe.last_rollouts
+    trainer = ready_recipe(config)
+    loss = float(trainer.compute_gradients(trainer.recipe.collect_rollouts(first_window(trainer))))
+    rollouts = trainer.recipe.last_rollouts
     assert len(rollouts) == 2 and all(r.samples.mask.shape[0] == 2 * 4 for r in rollouts)
     assert any(torch.count_nonzero(r.advantages) for r in rollouts)  # the check below is not vacuous
-    metrics = recipe._step_metrics()
+    metrics = step_metrics(trainer)
     # LoRA's B starts at zero: the policy is exactly the reference, so the KL estimate is 0.
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-7)
     # At ratio 1 and KL 0 each response token's loss is -A of its response; averaged over the whole step.
@@ -135,11 +148,11 @@ def test_first_step_policy_is_the_reference_and_loss_matches_grpo_at_ratio_one(t
 
 def test_token_logprobs_match_each_unpadded_sequence_alone(tiny_model_dir, tmp_path, prompts_file):
     config = grpo_config(tiny_model_dir, tmp_path, prompts_file, grpo={"num_generations": 2})
-    recipe = ready_recipe(config)
+    trainer = ready_recipe(config)
     torch.manual_seed(0)
-    batch = recipe._epoch_batches(shuffle=False)[0]
-    rollout = recipe.rollout(batch)
-    model = recipe.model
+    batch = trainer.epoch_batches(shuffle=False)[0]
+    rollout = trainer.recipe.rollout(batch)
+    model = trainer.model
     with torch.no_grad():
         samples = rollout.samples
         logp = response_forward(model, samples.input_ids, samples.attention_mask, samples.position_ids,
@@ -160,14 +173,14 @@ def test_token_logprobs_match_each_unpadded_sequence_alone(tiny_model_dir, tmp_p
 def test_rewards_read_the_decoded_response_and_the_row(tiny_model_dir, tmp_path, prompts_file, tokenizer):
     config = grpo_config(tiny_model_dir, tmp_path, prompts_file,
                          grpo={"num_generations": 2, "reward_functions": ["test_grpo:recording_reward"]})
-    recipe = ready_recipe(config)
+    trainer = ready_recipe(config)
     CALLS.clear()
-    batch = first_window(recipe)[0]
-    recipe.compute_gradients(recipe.collect_rollouts([batch]))
-    rollout = recipe.last_rollouts[0]
+    batch = first_window(trainer)[0]
+    trainer.compute_gradients(trainer.recipe.collect_rollouts([batch]))
+    rollout = trainer.recipe.last_rollouts[0]
     assert len(CALLS) == 2 * 2
     responses = rollout.samples.input_ids[:, rollout.samples.prompt_width:]
-    stops = set(recipe.stop_ids())
+    stops = set(trainer.recipe.online.stop_ids())
     for index, (prompt, response, row) in enumerate(CALLS):
         example = batch.examples[index // 2]
         # The row's fields reach the reward function, whatever they are.
@@ -238,8 +251,8 @@ def test_bad_prompt_rows_fail_before_the_model_loads(tiny_model_dir, tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl, row 2, field 'prompt'"):
         ready_recipe(config)
     skipping = grpo_config(tiny_model_dir, tmp_path, bad, data={"on_error": "skip"})
-    recipe = ready_recipe(skipping)
-    assert len(recipe.data.train) == 1 and recipe.data.reports[0].dropped["missing_field"] == 1
+    trainer = ready_recipe(skipping)
+    assert len(trainer.data.train) == 1 and trainer.data.reports[0].dropped["missing_field"] == 1
 
 
 def test_val_reward_is_maximised():
@@ -275,7 +288,7 @@ def test_preview_shows_the_prompts_as_the_model_sees_them(tmp_path, tiny_model_d
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is 2 + 3?", "answer": "5"}])
     config = {"method": "grpo", "model": {"name_or_path": str(tiny_model_dir)},
               "data": {"train": str(data), "max_length": 128},
-              "grpo": {"reward_functions": ["tuneforge.eval.functions:exact_answer"]}}
+              "grpo": {"reward_functions": ["tuneforge.rewards.functions:exact_answer"]}}
     path = tmp_path / "grpo.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["data", "preview", str(path), "--no-color"]) == 0

@@ -16,7 +16,7 @@ from tuneforge.engine import checkpoint as ckpt
 from tuneforge.engine.metrics import read_metrics
 from tuneforge.errors import ConfigError
 from tuneforge.losses import IGNORE_INDEX
-from tuneforge.recipes.sft import SFTRecipe, run_sft
+from tuneforge.engine.trainer import Trainer, run_training
 
 from conftest import write_jsonl
 
@@ -150,7 +150,7 @@ def test_packing_and_group_by_length_are_refused_together(tmp_path):
 
 def test_group_by_length_is_refused_for_online_rl(tmp_path):
     values = {**config_values(tmp_path / "rows.jsonl", group_by_length=True), "method": "grpo",
-              "grpo": {"reward_functions": ["tuneforge.eval.functions:exact_answer"]}}
+              "grpo": {"reward_functions": ["tuneforge.rewards.functions:exact_answer"]}}
     with pytest.raises(ConfigError, match="data.group_by_length: method grpo"):
         config_from_dict(values)
 
@@ -170,17 +170,17 @@ def quiet(_message):
 
 def test_sft_recipe_batches_are_grouped_and_planned(make_config, tmp_path):
     rows = write_jsonl(tmp_path / "varied.jsonl", VARIED_ROWS)
-    recipe = SFTRecipe(make_config(rows, data={"group_by_length": True}, train={"batch_size": 2, "epochs": 2}),
+    recipe = Trainer(make_config(rows, data={"group_by_length": True}, train={"batch_size": 2, "epochs": 2}),
                        log=quiet, show_progress=False, run_dir=False)
     recipe.setup()
     assert recipe.total_steps == 12
     state = recipe.data_generator.get_state()
-    batches = recipe._epoch_batches(shuffle=True)
+    batches = recipe.epoch_batches(shuffle=True)
     plain = make_batches(recipe.data.train, 2, recipe.tokenizer.pad_token_id, generator=generator(0))
     assert sorted(e.row for group in batches.groups for e in group) == sorted(e.row for e in recipe.data.train)
     assert padding_tokens(batches) < padding_tokens(plain)
     recipe.data_generator.set_state(state)
-    assert rows_per_batch(recipe._epoch_batches(shuffle=True)) == rows_per_batch(batches)
+    assert rows_per_batch(recipe.epoch_batches(shuffle=True)) == rows_per_batch(batches)
 
 
 def train_losses(run_dir) -> list[tuple[int, float]]:
@@ -195,13 +195,13 @@ def test_resume_with_group_by_length_continues_exactly(make_config, tmp_path):
                          train={"batch_size": 2, "epochs": 2, "lr": 1e-2, "scheduler": "cosine", "warmup_steps": 1},
                          save={"every": 1, "keep_last": 20}, eval={"final": "last"})
     run_dir = tmp_path / "run"
-    run_sft(config, log=quiet)
+    run_training(config, log=quiet)
     reference = train_losses(run_dir)
     assert [step for step, _ in reference] == list(range(1, 13))
     want = load_file(str(ckpt.checkpoint_dir(run_dir, 12) / "weights.safetensors"))
 
     messages = []
-    run_sft(config, log=messages.append, resume=str(ckpt.checkpoint_dir(run_dir, 8)))
+    run_training(config, log=messages.append, resume=str(ckpt.checkpoint_dir(run_dir, 8)))
     assert any(m.startswith(f"resumed from {ckpt.checkpoint_dir(run_dir, 8)} at step 8") for m in messages)
     resumed = train_losses(run_dir)
     assert [step for step, _ in resumed] == [step for step, _ in reference]
@@ -214,8 +214,6 @@ def test_resume_with_group_by_length_continues_exactly(make_config, tmp_path):
 
 
 def test_preference_batches_are_grouped(tiny_model_dir, tmp_path):
-    from tuneforge.recipes import recipe_for
-
     pairs = [{"prompt": " ".join(WORDS[: 1 + (3 * i) % 11]), "chosen": " ".join(WORDS[: 1 + (5 * i) % 16]),
               "rejected": "No: " + " ".join(WORDS[: 1 + (7 * i + 2) % 16])} for i in range(24)]
     values = {"method": "dpo", "model": {"name_or_path": str(tiny_model_dir)},
@@ -226,15 +224,15 @@ def test_preference_batches_are_grouped(tiny_model_dir, tmp_path):
 
     def batches(group_by_length: bool, shared_prompt: bool):
         values["data"].update(group_by_length=group_by_length, shared_prompt=shared_prompt)
-        recipe = recipe_for("dpo")(config_from_dict(values), log=quiet, show_progress=False, run_dir=False)
-        recipe.setup()
-        return recipe, recipe._epoch_batches(shuffle=True)
+        trainer = Trainer(config_from_dict(values), log=quiet, show_progress=False, run_dir=False)
+        trainer.setup()
+        return trainer, trainer.epoch_batches(shuffle=True)
 
     for shared_prompt in (True, False):
-        recipe, grouped = batches(True, shared_prompt)
+        trainer, grouped = batches(True, shared_prompt)
         _, plain = batches(False, shared_prompt)
-        assert len(grouped) == len(plain) == recipe.total_steps == 6
+        assert len(grouped) == len(plain) == trainer.total_steps == 6
         pairs_seen = sorted(p.chosen.row for group in grouped.groups for p in group)
-        assert pairs_seen == sorted(p.chosen.row for p in recipe.data.train)
+        assert pairs_seen == sorted(p.chosen.row for p in trainer.data.train)
         width = sum(b.sequences.input_ids.numel() - b.sequences.num_tokens for b in grouped)
         assert width < sum(b.sequences.input_ids.numel() - b.sequences.num_tokens for b in plain)

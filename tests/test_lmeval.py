@@ -18,7 +18,7 @@ from tuneforge.data.collate import next_token_targets
 from tuneforge.errors import DataError, UserError
 from tuneforge.eval.lmeval import TASKS_DIR, flatten_results, local_dataset, offline_hub, run_lm_eval
 from tuneforge.losses import IGNORE_INDEX, sequence_logprobs
-from tuneforge.recipes.sft import SFTRecipe
+from tuneforge.engine.trainer import Trainer
 
 from conftest import write_jsonl
 
@@ -86,7 +86,7 @@ def test_shipped_tasks_measure_what_their_files_say(tiny_model_dir, tokenizer):
     assert 0 < results["tuneforge_arithmetic"]["acc"] < 1
 
 
-def _train_lora_on_velmora_answers(tmp_path, tiny_model_dir) -> SFTRecipe:
+def _train_lora_on_velmora_answers(tmp_path, tiny_model_dir) -> Trainer:
     """A short LoRA run on the tiny model over the Velmora task's gold answers, in the task's own format. A high
     rate, so the adapter moves far from its zero start in a few steps."""
     rows = [{"text": f"{_context(row)} {row['choices'][row['gold']]}"} for row in _rows("tuneforge_velmora")]
@@ -97,7 +97,7 @@ def _train_lora_on_velmora_answers(tmp_path, tiny_model_dir) -> SFTRecipe:
         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 6, "batch_size": 8, "lr": 5e-2, "seed": 0,
                   "warmup_steps": 0, "scheduler": "constant", "mixed_precision": "no"},
     })
-    recipe = SFTRecipe(config, log=lambda message: None, show_progress=False)
+    recipe = Trainer(config, log=lambda message: None, show_progress=False)
     recipe.setup()
     recipe.train()
     recipe.save()

@@ -16,11 +16,10 @@ from conftest import QA_ROWS, write_jsonl
 from test_engine_preflight import pretend_installed as pretend
 from tuneforge.cli import main as cli_main
 from tuneforge.config import config_from_dict
-from tuneforge.engine import preflight
+from tuneforge.engine import build, preflight
 from tuneforge.engine.metrics import MetricsLog, flat_hparams, read_metrics
 from tuneforge.errors import UserError
-from tuneforge.recipes import sft
-from tuneforge.recipes.sft import run_sft
+from tuneforge.engine.trainer import run_training
 
 STEPS = 3
 LR = 1e-3
@@ -65,7 +64,7 @@ def logged(tiny_model_dir, tmp_path_factory):
                       "mixed_precision": "no"},
             "log": {"loggers": loggers}})
         preflight.check_before_run(config)  # what `tuneforge train` checks first passes in this setup
-        run_sft(config, log=quiet)
+        run_training(config, log=quiet)
     records = read_metrics(root / "run" / "metrics.jsonl")
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == STEPS
@@ -208,7 +207,7 @@ def test_an_mlflow_run_whose_start_fails_is_ended(tmp_path, monkeypatch):
 @pytest.mark.parametrize("logger", ["tensorboard", "wandb", "mlflow", "trackio"])
 def test_a_missing_logger_package_is_one_line_before_the_model_loads(logger, tmp_path, qa_file, tiny_model_dir,
                                                                      monkeypatch, capsys):
-    monkeypatch.setattr(sft, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the check"))
+    monkeypatch.setattr(build, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the check"))
     pretend(monkeypatch, missing={logger})
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps({"model": {"name_or_path": str(tiny_model_dir)}, "data": {"train": str(qa_file)},

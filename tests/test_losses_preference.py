@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from tuneforge.losses import (DPO_LOSS_TYPES, IGNORE_INDEX, bradley_terry_loss, dpo_loss, gather_last, kto_loss,
-                              last_token_index, log_odds, orpo_odds_ratio_loss, response_lengths,
-                              sequence_logprobs, simpo_loss)
+from tuneforge.losses import (DPO_LOSS_TYPES, IGNORE_INDEX, bradley_terry_loss, dpo_loss, gather_last,
+                              ipo_token_means, kto_loss, kto_reference_point, last_token_index, log_odds, orpo_loss,
+                              orpo_odds_ratio_loss, orpo_sft_loss_sum, response_lengths, sequence_logprobs,
+                              simpo_loss)
 
 # fp32 results against float64 references of the same fp32 inputs.
 TOL = dict(rtol=1e-6, atol=1e-6)
@@ -233,6 +234,26 @@ def test_dpo_rejects_options_it_would_misuse():
 
 # --- SimPO ----------------------------------------------------------------------------------------------------
 
+def test_ipo_token_means_divide_each_side_by_its_length():
+    """Policy and reference sums of a side are divided by that side's response length; an empty side by 1."""
+    pc, pr, rc, rr = _pairs(12)
+    g = torch.Generator().manual_seed(12)
+    chosen_counts = torch.randint(0, 40, (BATCH,), generator=g)
+    rejected_counts = torch.randint(1, 40, (BATCH,), generator=g)
+    chosen_counts[0] = 0
+    got = ipo_token_means(pc, pr, rc, rr, chosen_counts, rejected_counts)
+    lengths = [max(n, 1) for n in chosen_counts.tolist()], [max(n, 1) for n in rejected_counts.tolist()]
+    for value, side, length in zip(got, (pc, pr, rc, rr), (lengths[0], lengths[1], lengths[0], lengths[1])):
+        _close(value, [x / n for x, n in zip(side.detach().double().tolist(), length)])
+    # The means feed IPO's loss: (h - 1/(2 beta))^2 on the per-token log-ratios, with gradients to the policy.
+    loss = dpo_loss(*got, beta=0.1, loss_type="ipo").losses
+    h = [(a - c) / m - (b - d) / n for a, b, c, d, m, n in
+         zip(*(t.detach().double().tolist() for t in (pc, pr, rc, rr)), *lengths)]
+    _close(loss, [(x - 5.0) ** 2 for x in h], rtol=1e-5, atol=1e-5)
+    grad_c, = torch.autograd.grad(loss.sum(), pc)
+    _close(grad_c, [2 * (x - 5.0) / m for x, m in zip(h, lengths[0])], rtol=1e-5, atol=1e-5)
+
+
 def test_simpo_matches_plain_recomputation_and_gradients():
     g = torch.Generator().manual_seed(6)
     chosen, rejected = _logps(g, mean=-1.5, std=0.7), _logps(g, mean=-1.5, std=0.7)
@@ -307,6 +328,32 @@ def test_orpo_odds_ratio_loss_matches_plain_recomputation_and_gradients():
     _close(grad_r, [lam * _sigmoid(-x) / (1 - math.exp(r)) for x, r in zip(ratios, rs)], rtol=1e-5, atol=1e-6)
 
 
+def test_orpo_loss_rewards_are_lambda_times_the_mean_logprob():
+    g = torch.Generator().manual_seed(13)
+    chosen = (-torch.rand(BATCH, generator=g) * 3 - 1e-3).requires_grad_()
+    rejected = (-torch.rand(BATCH, generator=g) * 3 - 1e-3).requires_grad_()
+    out = orpo_loss(chosen, rejected, 0.3)
+    torch.testing.assert_close(out.losses, orpo_odds_ratio_loss(chosen, rejected, 0.3), rtol=0, atol=0)
+    _close(out.chosen_rewards, [0.3 * c for c in chosen.detach().double().tolist()])
+    _close(out.rejected_rewards, [0.3 * r for r in rejected.detach().double().tolist()])
+    _close(out.margins, [0.3 * (c - r) for c, r in zip(chosen.detach().double().tolist(),
+                                                      rejected.detach().double().tolist())])
+    assert not out.chosen_rewards.requires_grad and out.losses.requires_grad
+
+
+def test_orpo_sft_term_is_the_weighted_summed_nll_of_the_chosen_tokens():
+    """Summed over pairs, -log pi(y_w) of each chosen response is the NLL summed over every chosen token."""
+    logits, targets = _sequence_batch()
+    sums = sequence_logprobs(logits, targets).requires_grad_()
+    weights = torch.tensor([1.0] * (len(sums) - 1) + [0.0])
+    got = orpo_sft_loss_sum(sums, weights)
+    nll = torch.nn.functional.cross_entropy(logits[:-1].reshape(-1, logits.shape[-1]), targets[:-1].reshape(-1),
+                                            ignore_index=IGNORE_INDEX, reduction="sum")
+    _close(got, nll.item(), rtol=1e-5, atol=1e-5)
+    grad, = torch.autograd.grad(got, sums)
+    _close(grad, (-weights).tolist())
+
+
 # --- KTO ------------------------------------------------------------------------------------------------------
 
 def test_kto_all_desirable_and_all_undesirable_against_hand_numbers():
@@ -357,6 +404,38 @@ def test_kto_at_step_zero_and_label_type():
     _close(out.losses, [0.5, 0.5, 0.665, 0.665])
     with pytest.raises(TypeError, match="bool"):
         kto_loss(logps, logps, torch.tensor([1, 1, 0, 0]), 0.0, 0.1)
+
+
+def test_kto_reference_point_is_the_weighted_mean_log_ratio_of_the_mismatched_pairs():
+    g = torch.Generator().manual_seed(14)
+    policy, ref = _logps(g), _logps(g, grad=False)
+    weights = torch.tensor([1.0] * (BATCH - 3) + [0.0] * 3)
+    z0 = kto_reference_point(policy, ref, weights)
+    real = [(p - q) for p, q, w in zip(policy.detach().double().tolist(), ref.double().tolist(), weights.tolist()) if w]
+    _close(z0, sum(real) / len(real), rtol=1e-5, atol=1e-5)
+    assert not z0.requires_grad  # a constant of the loss
+    # A batch of placeholders only: 0, not NaN.
+    assert kto_reference_point(policy, ref, torch.zeros(BATCH)).item() == 0.0
+
+
+def test_kto_reference_point_over_ranks_pools_both_sums(monkeypatch):
+    """With ``all_ranks`` the estimate is the mean over every rank's examples (the paper's whole-batch mean), not
+    the mean of the ranks' means; here another rank's sums are added by a stand-in for the all-reduce."""
+    import tuneforge.losses.preference as preference
+
+    g = torch.Generator().manual_seed(15)
+    mine, mine_ref, other, other_ref = _logps(g, 6), _logps(g, 6), _logps(g, 2), _logps(g, 2)
+    other_weights = torch.tensor([1.0, 0.0])
+    other_totals = torch.stack([((other - other_ref) * other_weights).sum(), other_weights.sum()]).detach()
+
+    def all_reduce(tensor):
+        tensor += other_totals
+
+    monkeypatch.setattr(preference.dist, "all_reduce", all_reduce)
+    z0 = kto_reference_point(mine, mine_ref, torch.ones(6), all_ranks=True)
+    pooled = torch.cat([mine - mine_ref, (other - other_ref)[:1]]).detach().double()
+    _close(z0, pooled.mean().item(), rtol=1e-5, atol=1e-5)
+    assert z0.item() != pytest.approx(kto_reference_point(mine, mine_ref, torch.ones(6)).item(), rel=1e-3)
 
 
 # --- Bradley-Terry --------------------------------------------------------------------------------------------

@@ -311,10 +311,10 @@ def test_grpo_group_advantages_with_and_without_std_match_direct_statistics():
         mean, std = statistics.fmean(group), statistics.stdev(group)  # stdev: unbiased, as TRL's torch.std
         scaled += [(r - mean) / (std + eps) for r in group]
         centred += [r - mean for r in group]
-    got = group_advantages(REWARDS, 4, "grpo")
+    got = group_advantages(REWARDS, 4, "group_mean")
     assert got.shape == (12,) and got.dtype == torch.float32
     _close(got, scaled, rtol=1e-5, atol=1e-6)
-    _close(group_advantages(REWARDS, 4, "grpo", scale_by_std=False), centred, rtol=1e-5, atol=1e-6)
+    _close(group_advantages(REWARDS, 4, "group_mean", scale_by_std=False), centred, rtol=1e-5, atol=1e-6)
     # std +- 1 for the half-right group: (1 - 0.5) / (0.57735 + 1e-4)
     assert got[0].item() == pytest.approx(0.5 / (math.sqrt(1 / 3) + eps), rel=1e-6)
 
@@ -323,19 +323,19 @@ def test_rloo_advantages_are_reward_minus_the_mean_of_the_others():
     want = []
     for group in _groups(REWARDS, 4):
         want += [r - sum(group[j] for j in range(4) if j != i) / 3 for i, r in enumerate(group)]
-    got = group_advantages(REWARDS, 4, "rloo")
+    got = group_advantages(REWARDS, 4, "leave_one_out")
     _close(got, want, rtol=1e-5, atol=1e-6)
-    _close(got, 4 / 3 * group_advantages(REWARDS, 4, "grpo", scale_by_std=False).double(), rtol=1e-6, atol=1e-7)
+    _close(got, 4 / 3 * group_advantages(REWARDS, 4, "group_mean", scale_by_std=False).double(), rtol=1e-6, atol=1e-7)
     # Groups of 2: the advantage is the difference of the pair.
-    _close(group_advantages(torch.tensor([3.0, 1.0]), 2, "rloo"), [2.0, -2.0])
+    _close(group_advantages(torch.tensor([3.0, 1.0]), 2, "leave_one_out"), [2.0, -2.0])
 
 
-@pytest.mark.parametrize("method,scale", [("grpo", None), ("grpo", False), ("rloo", None)])
-def test_a_group_with_identical_rewards_gets_exactly_zero(method, scale):
+@pytest.mark.parametrize("baseline,scale", [("group_mean", None), ("group_mean", False), ("leave_one_out", None)])
+def test_a_group_with_identical_rewards_gets_exactly_zero(baseline, scale):
     rewards = torch.tensor([0.1] * 7 + [1 / 3] * 7 + [0.0, 1.0] * 3 + [1.0])
     # The naive r - mean is not exactly 0 here, and divided by std + eps it would be a spurious advantage.
     assert (rewards[:7] - rewards[:7].mean()).abs().max() > 0
-    got = group_advantages(rewards, 7, method, scale_by_std=scale)
+    got = group_advantages(rewards, 7, baseline, scale_by_std=scale)
     assert got[:14].abs().max() == 0
     assert got[14:].abs().min() > 0.1
 
@@ -346,8 +346,8 @@ def test_group_advantages_reject_misuse():
     with pytest.raises(ValueError, match="at least 2"):
         group_advantages(torch.zeros(4), 1)
     with pytest.raises(ValueError, match="not scaled"):
-        group_advantages(torch.zeros(4), 2, "rloo", scale_by_std=True)
-    with pytest.raises(ValueError, match="unknown group advantage method"):
+        group_advantages(torch.zeros(4), 2, "leave_one_out", scale_by_std=True)
+    with pytest.raises(ValueError, match="unknown group baseline"):
         group_advantages(torch.zeros(4), 2, "ppo")
 
 

@@ -17,7 +17,7 @@ from tuneforge.data.tokenize import encode_conversation, encode_prompt
 from tuneforge.errors import TemplateError
 from tuneforge.models.export import export_gguf
 from tuneforge.models.merge import merge_run, training_chat_template
-from tuneforge.recipes.sft import SFTRecipe
+from tuneforge.engine.trainer import Trainer
 
 from conftest import QA_ROWS, write_jsonl
 
@@ -49,14 +49,14 @@ def _spec(name: str, root) -> str:
     return name
 
 
-def _train(root, model_dir, template: str) -> SFTRecipe:
+def _train(root, model_dir, template: str) -> Trainer:
     values = {
         "model": {"name_or_path": str(model_dir)},
         "data": {"train": str(write_jsonl(root / "qa.jsonl", QA_ROWS[:4])), "max_length": 64, "template": template},
         "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
         "train": {"output_dir": str(root / "run"), "max_steps": 1, "batch_size": 4, "seed": 0},
     }
-    recipe = SFTRecipe(config_from_dict(values), log=lambda m: None, show_progress=False)
+    recipe = Trainer(config_from_dict(values), log=lambda m: None, show_progress=False)
     recipe.setup()
     recipe.train()
     recipe.save()

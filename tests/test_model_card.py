@@ -10,10 +10,10 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
+from tuneforge.engine.trainer import run_training
 from tuneforge.models.card import (CARD_MARK, DEFAULT_BASE_ID, DEFAULT_BASE_LICENSE, base_identity, gguf_card_path,
                                    hub_dataset_id, refresh_run_card, run_card, write_run_card)
 from tuneforge.models.loading import DEFAULT_GGUF_FILE, RUN_MARKER
-from tuneforge.recipes.sft import run_sft
 
 EVAL = {"schema": "tuneforge.eval/1",
         "data": {"generation": "/home/someone/secret/heldout.jsonl", "pairs": None},
@@ -200,7 +200,7 @@ def trained(tmp_path_factory, tiny_model_dir):
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "train": {"output_dir": str(root / "run"), "max_steps": 2, "batch_size": 4, "lr": 1e-3, "log_every": 1,
                   "seed": 0, "mixed_precision": "no"}})
-    run_sft(config, log=quiet)
+    run_training(config, log=quiet)
     before = (root / "run" / "README.md").read_text()
     evaluate(str(root / "run"), data=str(data), metrics=["loss"], limit=4, log=None)
     return root / "run", before

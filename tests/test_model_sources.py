@@ -96,8 +96,8 @@ def test_lora_sft_on_the_default_model_learns_and_generates(tmp_path):
 
     from tuneforge.config import config_from_dict
     from tuneforge.data.formats import Message
-    from tuneforge.inference import Generator
-    from tuneforge.recipes.sft import run_sft
+    from tuneforge.generation import Generator
+    from tuneforge.engine.trainer import run_training
 
     data = Path(__file__).parents[1] / "examples" / "data"
     config = config_from_dict({
@@ -107,7 +107,7 @@ def test_lora_sft_on_the_default_model_learns_and_generates(tmp_path):
                   "log_every": 4, "mixed_precision": "no"},
         "eval": {"every": 12},
     })
-    summary = run_sft(config, log=lambda m: None)
+    summary = run_training(config, log=lambda m: None)
     assert summary["stop_reason"] == "max_steps" and summary["steps"] == 12
     assert summary["val_loss"] < 2.0  # the base model is above 3 nats/token on these responses
     question = [Message("user", "What is the capital of Velmora?")]

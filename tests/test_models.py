@@ -10,10 +10,10 @@ from tuneforge.config import config_from_dict
 from tuneforge.data.formats import Message
 from tuneforge.data.templates import load_template
 from tuneforge.errors import UserError
-from tuneforge.inference import Generator
+from tuneforge.generation import Generator
 from tuneforge.models.loading import load_model, resolve_model
 from tuneforge.models.merge import merge_run
-from tuneforge.recipes.sft import SFTRecipe
+from tuneforge.engine.trainer import Trainer
 
 from conftest import QA_ROWS, build_tiny_model, write_jsonl
 
@@ -21,7 +21,7 @@ from conftest import QA_ROWS, build_tiny_model, write_jsonl
 LOGIT_TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-def _train(tmp_path_factory, model_dir, name: str, **sections) -> SFTRecipe:
+def _train(tmp_path_factory, model_dir, name: str, **sections) -> Trainer:
     root = tmp_path_factory.mktemp(name)
     values = {
         "model": {"name_or_path": str(model_dir)},
@@ -33,7 +33,7 @@ def _train(tmp_path_factory, model_dir, name: str, **sections) -> SFTRecipe:
     }
     for section, updates in sections.items():
         values[section].update(updates)
-    recipe = SFTRecipe(config_from_dict(values), log=lambda m: None, show_progress=False)
+    recipe = Trainer(config_from_dict(values), log=lambda m: None, show_progress=False)
     recipe.setup()
     recipe.train()
     recipe.save()
@@ -42,7 +42,7 @@ def _train(tmp_path_factory, model_dir, name: str, **sections) -> SFTRecipe:
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, tiny_model_dir) -> SFTRecipe:
+def lora_run(tmp_path_factory, tiny_model_dir) -> Trainer:
     return _train(tmp_path_factory, tiny_model_dir, "lora-run")
 
 

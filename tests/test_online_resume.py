@@ -20,8 +20,8 @@ from tuneforge.cli import main as cli_main
 from tuneforge.config import config_from_dict
 from tuneforge.engine import checkpoint as ckpt
 from tuneforge.engine.metrics import read_metrics
-from tuneforge.recipes import recipe_for
-from tuneforge.recipes.online import SAMPLING_STATE_KEY
+from tuneforge.engine.trainer import Trainer
+from tuneforge.recipes._online import SAMPLING_STATE_KEY
 from tuneforge.recipes.ppo import VALUE_HEAD_FILE
 
 # 6 prompts, one per micro-batch, two micro-batches a step: 3 steps an epoch. The run dies after the checkpoint
@@ -96,45 +96,47 @@ def test_a_run_killed_after_a_checkpoint_resumes_exactly(reference_run, tmp_path
 
 
 # ---------------------------------------------------------------------------------------- the sampling generator
-def ready(tiny_model_dir: Path, tmp_path: Path, method: str):
+def ready(tiny_model_dir: Path, tmp_path: Path, method: str) -> Trainer:
     values = method_config(tiny_model_dir, tmp_path, method)
-    recipe = recipe_for(method)(config_from_dict(values), run_dir=False, log=quiet, show_progress=False)
-    recipe.setup()
-    return recipe
+    trainer = Trainer(config_from_dict(values), run_dir=False, log=quiet, show_progress=False)
+    trainer.setup()
+    return trainer
 
 
 def test_sampling_depends_on_the_runs_generator_and_leaves_the_global_one_alone(tiny_model_dir, tmp_path):
-    recipe = ready(tiny_model_dir, tmp_path, "grpo")
-    examples = [e for batch in recipe._epoch_batches(shuffle=False)[:4] for e in batch.examples]
-    start = recipe.sampling_generator.get_state()
+    trainer = ready(tiny_model_dir, tmp_path, "grpo")
+    online = trainer.recipe.online
+    examples = [e for batch in trainer.epoch_batches(shuffle=False)[:4] for e in batch.examples]
+    start = online.sampling_generator.get_state()
 
     torch.manual_seed(1)
     before = torch.get_rng_state()
-    first = recipe.sample(examples, 4).input_ids
+    first = online.sample(examples, 4).input_ids
     assert torch.equal(torch.get_rng_state(), before)  # dropout masks and user code see the run's global stream
 
-    recipe.sampling_generator.set_state(start)
+    online.sampling_generator.set_state(start)
     torch.manual_seed(2)  # another global state: the same draws
-    assert torch.equal(recipe.sample(examples, 4).input_ids, first)
+    assert torch.equal(online.sample(examples, 4).input_ids, first)
     # The generator moved on: the next call draws other responses.
-    assert not torch.equal(recipe.sample(examples, 4).input_ids, first)
-    assert recipe.state.method_state[SAMPLING_STATE_KEY] == recipe.sampling_generator.get_state().tolist()
+    assert not torch.equal(online.sample(examples, 4).input_ids, first)
+    assert trainer.state.method_state[SAMPLING_STATE_KEY] == online.sampling_generator.get_state().tolist()
 
 
 def test_each_rank_samples_its_own_stream(tiny_model_dir, tmp_path):
     """The generator is the same on every rank (one saved state resumes them all); each call draws one seed per
     rank and rank r samples with the r-th, so ranks do not sample correlated responses."""
-    recipe = ready(tiny_model_dir, tmp_path, "grpo")
-    start = recipe.sampling_generator.get_state()
+    trainer = ready(tiny_model_dir, tmp_path, "grpo")
+    online = trainer.recipe.online
+    start = online.sampling_generator.get_state()
     seeds = []
     for rank in range(2):
-        recipe.sampling_generator.set_state(start)
-        recipe.dist.rank, recipe.dist.world_size = rank, 2
-        seeds.append(recipe.sampling_seed())
+        online.sampling_generator.set_state(start)
+        trainer.dist.rank, trainer.dist.world_size = rank, 2
+        seeds.append(online.sampling_seed())
     assert seeds[0] != seeds[1]
-    recipe.dist.rank, recipe.dist.world_size = 0, 1
-    recipe.sampling_generator.set_state(start)
-    assert recipe.sampling_seed() != recipe.sampling_seed()
+    trainer.dist.rank, trainer.dist.world_size = 0, 1
+    online.sampling_generator.set_state(start)
+    assert online.sampling_seed() != online.sampling_seed()
 
 
 def test_two_ddp_ranks_resume_exactly(tiny_model_dir, tmp_path):

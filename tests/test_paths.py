@@ -37,7 +37,7 @@ def test_every_path_in_a_run_config_is_relative_to_the_file(tmp_path, elsewhere)
         "data": {"train": "data/train.jsonl", "validation": "data/val.jsonl", "template": "chat.jinja"},
         "train": {"output_dir": "../runs/sft"},
         "eval": {"generation_data": "data/gen.jsonl", "generation_metrics": ["contains", "metrics.py:says"]},
-        "grpo": {"reward_functions": ["rewards.py:brevity", "tuneforge.eval.functions:exact_answer"],
+        "grpo": {"reward_functions": ["rewards.py:brevity", "tuneforge.rewards.functions:exact_answer"],
                  "reward_model": "../runs/rm"},
         "ppo": {"reward_functions": ["../shared/rewards.py:length"], "reward_model": "org/reward-model"}})
     (configs / "chat.jinja").write_text("{{ messages }}")
@@ -50,7 +50,7 @@ def test_every_path_in_a_run_config_is_relative_to_the_file(tmp_path, elsewhere)
     assert config.eval.generation_data == str(configs / "data" / "gen.jsonl")
     assert config.eval.generation_metrics == ["contains", f"{configs / 'metrics.py'}:says"]
     assert config.grpo.reward_functions == [f"{configs / 'rewards.py'}:brevity",
-                                            "tuneforge.eval.functions:exact_answer"]
+                                            "tuneforge.rewards.functions:exact_answer"]
     assert config.grpo.reward_model == str(tmp_path / "runs" / "rm")  # missing, but ../ says it is a path
     assert config.ppo.reward_functions == [f"{tmp_path / 'shared' / 'rewards.py'}:length"]
     assert config.ppo.reward_model == "org/reward-model"  # a hub id

@@ -15,9 +15,10 @@ from conftest import write_jsonl
 from test_grpo import PROMPT_ROWS, spec
 from tuneforge.cli import main as cli_main
 from tuneforge.config import config_from_dict
+from tuneforge.engine.trainer import Trainer
 from tuneforge.errors import ConfigError
 from tuneforge.losses import gae_advantages, last_token_index
-from tuneforge.recipes import recipe_for
+from tuneforge.recipes import registry
 from tuneforge.recipes.ppo import VALUE_HEAD_FILE, PPORecipe
 
 
@@ -42,18 +43,23 @@ def ppo_config(tiny_model_dir, tmp_path, train_file, method="ppo", **sections):
     return config_from_dict(values)
 
 
-def ready(config):
-    recipe = recipe_for(config.method)(config, run_dir=False, log=lambda message: None, show_progress=False)
-    recipe.setup()
-    return recipe
+def ready(config) -> Trainer:
+    trainer = Trainer(config, run_dir=False, log=lambda message: None, show_progress=False)
+    trainer.setup()
+    return trainer
 
 
-def first_window(recipe) -> list:
-    return recipe._epoch_batches(shuffle=False)[:recipe.config.train.grad_accum]
+def first_window(trainer: Trainer) -> list:
+    return trainer.epoch_batches(shuffle=False)[:trainer.config.train.grad_accum]
+
+
+def step_metrics(trainer: Trainer) -> dict:
+    """The numbers the trainer would log for the step so far (its statistics' means, through the recipe)."""
+    return trainer.recipe.step_metrics(trainer.stats.means(trainer.dist.enabled))
 
 
 def test_ppo_routes_to_its_recipe_and_checks_its_section():
-    assert recipe_for("ppo") is PPORecipe
+    assert registry.get("ppo").recipe_class() is PPORecipe
     with pytest.raises(ConfigError, match="ppo.reward_functions"):
         config_from_dict({"method": "ppo", "data": {"train": "p.jsonl"}})
     with pytest.raises(ConfigError, match="ppo.lam"):
@@ -65,8 +71,8 @@ def test_ppo_routes_to_its_recipe_and_checks_its_section():
 
 def test_first_update_has_ratio_one_zero_kl_and_the_ppo_loss(tiny_model_dir, tmp_path, prompts_file):
     config = ppo_config(tiny_model_dir, tmp_path, prompts_file, ppo={"mini_batches": 2, "vf_coef": 0.5})
-    recipe = ready(config)
-    rollouts = recipe.collect_rollouts(first_window(recipe))
+    trainer = ready(config)
+    rollouts = trainer.recipe.collect_rollouts(first_window(trainer))
     assert len(rollouts) == 2
     for rollout in rollouts:
         mask = rollout.samples.mask.bool()
@@ -90,15 +96,15 @@ def test_first_update_has_ratio_one_zero_kl_and_the_ppo_loss(tiny_model_dir, tmp
     assert float(flat.mean()) == pytest.approx(0.0, abs=1e-5) and float(flat.std()) == pytest.approx(1.0, abs=1e-3)
 
     first = [rollouts[0]]
-    loss = float(recipe.compute_gradients(first))
-    stats = recipe._update_stats
+    loss = float(trainer.compute_gradients(first))
+    stats = trainer.stats.entries
     assert stats["approx_kl"][0] == 0.0 and stats["clip_fraction"][0] == 0.0  # ratio exactly 1
     mask = rollouts[0].samples.mask.bool()
     tokens = float(mask.sum())
     # At ratio 1 the policy loss is -mean(A); the values are still 0, so the value loss is 0.5 mean(R^2).
     expected = (-rollouts[0].advantages[mask].sum() + 0.5 * 0.5 * (rollouts[0].returns[mask] ** 2).sum()) / tokens
     assert loss == pytest.approx(float(expected), rel=1e-5)
-    metrics = recipe._step_metrics()
+    metrics = step_metrics(trainer)
     assert metrics["kl"] == 0.0 and metrics["kl_coef"] == config.ppo.kl_coef
     assert metrics["value_loss"] == pytest.approx(float(0.5 * (rollouts[0].returns[mask] ** 2).mean()), rel=1e-5)
 
@@ -106,19 +112,19 @@ def test_first_update_has_ratio_one_zero_kl_and_the_ppo_loss(tiny_model_dir, tmp
 def test_a_step_makes_epochs_times_mini_batches_updates_and_the_ratio_moves(tiny_model_dir, tmp_path,
                                                                              prompts_file):
     config = ppo_config(tiny_model_dir, tmp_path, prompts_file, ppo={"mini_batches": 2, "ppo_epochs": 3})
-    recipe = ready(config)
+    trainer = ready(config)
     optimizer_steps, scheduler_steps = [], []
-    step, schedule = recipe.optimizer.step, recipe.scheduler.step
-    recipe.optimizer.step = lambda *a, **k: (optimizer_steps.append(1), step(*a, **k))[1]
-    recipe.scheduler.step = lambda *a, **k: (scheduler_steps.append(1), schedule(*a, **k))[1]
-    head_before = recipe.model.value_head.linear.weight.detach().clone()
-    loss, grad_norm = recipe.train_step(first_window(recipe))
+    step, schedule = trainer.optimizer.step, trainer.scheduler.step
+    trainer.optimizer.step = lambda *a, **k: (optimizer_steps.append(1), step(*a, **k))[1]
+    trainer.scheduler.step = lambda *a, **k: (scheduler_steps.append(1), schedule(*a, **k))[1]
+    head_before = trainer.model.value_head.linear.weight.detach().clone()
+    loss, grad_norm = trainer.train_step(first_window(trainer))
     assert len(optimizer_steps) == 6 and len(scheduler_steps) == 1
     assert torch.isfinite(loss) and float(grad_norm) > 0
-    metrics = recipe._step_metrics()
+    metrics = step_metrics(trainer)
     # Later updates see a moved policy: pi / pi_old is no longer 1 on average.
     assert metrics["approx_kl"] > 0
-    assert not torch.equal(recipe.model.value_head.linear.weight, head_before)
+    assert not torch.equal(trainer.model.value_head.linear.weight, head_before)
     assert {"reward", "kl", "entropy", "clip_fraction", "value_loss", "policy_loss", "value_clip_fraction",
             "response_length", "stopped_fraction", "kl_coef"} <= set(metrics)
 
@@ -126,14 +132,14 @@ def test_a_step_makes_epochs_times_mini_batches_updates_and_the_ratio_moves(tiny
 def test_gae_of_a_rollout_matches_a_direct_computation(tiny_model_dir, tmp_path, prompts_file):
     config = ppo_config(tiny_model_dir, tmp_path, prompts_file,
                         ppo={"gamma": 0.9, "lam": 0.8, "whiten_advantages": False, "kl_coef": 0.3})
-    recipe = ready(config)
+    trainer = ready(config)
     with torch.no_grad():  # values and log-probs away from zero, so the check is not vacuous
-        recipe.model.value_head.linear.bias.fill_(0.5)
-        recipe.model.value_head.linear.weight.normal_(0, 0.1)
-        for name, parameter in recipe.model.named_parameters():
+        trainer.model.value_head.linear.bias.fill_(0.5)
+        trainer.model.value_head.linear.weight.normal_(0, 0.1)
+        for name, parameter in trainer.model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.05)
-    rollout = recipe.collect_rollouts(first_window(recipe)[:1])[0]
+    rollout = trainer.recipe.collect_rollouts(first_window(trainer)[:1])[0]
     mask = rollout.samples.mask
     assert torch.count_nonzero(rollout.old_logp - rollout.ref_logp) > 0
     for row in range(mask.shape[0]):
@@ -157,33 +163,34 @@ def test_gae_of_a_rollout_matches_a_direct_computation(tiny_model_dir, tmp_path,
 def test_full_fine_tuning_keeps_a_frozen_reference(tiny_model_dir, tmp_path, prompts_file):
     config = ppo_config(tiny_model_dir, tmp_path, prompts_file, "grpo", lora={"enabled": False},
                         grpo={"beta": 0.1, "num_generations": 2})
-    recipe = ready(config)
-    window = first_window(recipe)
-    start = recipe.collect_rollouts(window[:1])[0]
-    assert torch.equal(start.ref_logp, recipe.response_forward(recipe.model, start.samples).logp.detach())
+    trainer = ready(config)
+    online = trainer.recipe.online
+    window = first_window(trainer)
+    start = trainer.recipe.collect_rollouts(window[:1])[0]
+    assert torch.equal(start.ref_logp, online.response_forward(trainer.model, start.samples).logp.detach())
     for _ in range(2):
-        recipe.train_step(window)
-    reference = recipe.reference_forward(start.samples)
+        trainer.train_step(window)
+    reference = online.reference_forward(start.samples)
     assert torch.equal(reference, start.ref_logp)  # the copy did not train
-    policy = recipe.response_forward(recipe.model, start.samples).logp.detach()
+    policy = online.response_forward(trainer.model, start.samples).logp.detach()
     assert not torch.allclose(policy, reference)  # the policy did
 
 
 def test_grpo_with_several_updates_stores_old_logprobs(tiny_model_dir, tmp_path, prompts_file):
     config = ppo_config(tiny_model_dir, tmp_path, prompts_file, "grpo",
                         grpo={"ppo_epochs": 2, "num_generations": 2, "beta": 0.0})
-    recipe = ready(config)
-    recipe.train_step(first_window(recipe))
-    rollout = recipe.last_rollouts[0]
+    trainer = ready(config)
+    trainer.train_step(first_window(trainer))
+    rollout = trainer.recipe.last_rollouts[0]
     assert rollout.old_logp is not None
     assert torch.equal(rollout.old_logp, rollout.old_logp * rollout.samples.mask)
-    assert recipe._step_metrics()["clip_fraction"] >= 0.0
+    assert step_metrics(trainer)["clip_fraction"] >= 0.0
 
 
 @pytest.fixture
 def reward_run(tiny_model_dir, tmp_path):
     """A tiny reward model trained for one step (its scores need only be deterministic)."""
-    from tuneforge.recipes import run_recipe
+    from tuneforge.engine.trainer import run_training
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"Q{i}?", "chosen": "Yes.", "rejected": "No, never."}
                                                    for i in range(4)])
@@ -192,25 +199,25 @@ def reward_run(tiny_model_dir, tmp_path):
         "data": {"train": str(pairs), "max_length": 64}, "lora": {"r": 4, "alpha": 8},
         "train": {"output_dir": str(tmp_path / "rm"), "epochs": 1, "batch_size": 4, "seed": 0,
                   "mixed_precision": "no"}})
-    return run_recipe(config, log=lambda message: None)["run_dir"]
+    return run_training(config, log=lambda message: None)["run_dir"]
 
 
 def test_a_reward_model_scores_the_prompt_and_response(tiny_model_dir, tmp_path, prompts_file, reward_run):
     from tuneforge.data.formats import Conversation, Message
-    from tuneforge.eval.scoring import RewardScorer
+    from tuneforge.rewards.scoring import RewardScorer
 
     config = ppo_config(tiny_model_dir, tmp_path, prompts_file,
                         ppo={"reward_functions": [], "reward_model": reward_run, "reward_model_weight": 2.0})
-    recipe = ready(config)
-    batch = first_window(recipe)[0]
-    rollout = recipe.collect_rollouts([batch])[0]
+    trainer = ready(config)
+    batch = first_window(trainer)[0]
+    rollout = trainer.recipe.collect_rollouts([batch])[0]
     scorer = RewardScorer.load(reward_run)
     conversations = [Conversation([Message("user", row.fields["prompt"]), Message("assistant", text)])
                      for row, text in zip(batch.examples, rollout.samples.responses)]
     expected = torch.tensor(scorer.score(conversations))
     assert torch.allclose(rollout.samples.scores[:, 0], expected, atol=1e-5)
     assert torch.allclose(rollout.samples.rewards, 2.0 * expected, atol=1e-5)
-    assert "reward_reward_model" in recipe._step_metrics()
+    assert "reward_reward_model" in step_metrics(trainer)
 
 
 def test_cli_trains_ppo_and_resumes_the_adaptive_kl_coefficient(tiny_model_dir, tmp_path, prompts_file):
@@ -240,12 +247,12 @@ def test_cli_trains_ppo_and_resumes_the_adaptive_kl_coefficient(tiny_model_dir, 
     # Resume from step 2: the saved coefficient is the one the run goes on with.
     state = json.loads((run_dir / "checkpoints" / "step-00000002" / "state.json").read_text())
     saved = state["method_state"]["kl_coef"]
-    recipe = PPORecipe(config_from_dict(values), log=lambda message: None, show_progress=False,
-                       resume=str(run_dir / "checkpoints" / "step-00000002"))
-    recipe.setup()
-    assert recipe.kl_coef == saved == pytest.approx(steps[2]["kl_coef"])
+    trainer = Trainer(config_from_dict(values), log=lambda message: None, show_progress=False,
+                      resume=str(run_dir / "checkpoints" / "step-00000002"))
+    trainer.setup()
+    assert trainer.recipe.kl_coef == saved == pytest.approx(steps[2]["kl_coef"])
     weights = load_file(str(run_dir / "checkpoints" / "step-00000002" / "weights.safetensors"))
-    assert torch.equal(recipe.model.value_head.linear.weight.detach(), weights["value_head.linear.weight"])
+    assert torch.equal(trainer.model.value_head.linear.weight.detach(), weights["value_head.linear.weight"])
 
 
 @pytest.mark.parametrize("method", ["ppo", "grpo"])
@@ -283,8 +290,8 @@ def test_two_ddp_ranks_train_and_reduce_their_statistics(tiny_model_dir, tmp_pat
 
 
 def test_a_missing_reward_model_fails_before_any_model_loads(tiny_model_dir, tmp_path, prompts_file, monkeypatch):
+    from tuneforge.engine import build
     from tuneforge.models import loading
-    from tuneforge.recipes import sft
 
     config = ppo_config(tiny_model_dir, tmp_path, prompts_file,
                         ppo={"reward_functions": [], "reward_model": str(tmp_path / "no-such-rm")})
@@ -292,7 +299,7 @@ def test_a_missing_reward_model_fails_before_any_model_loads(tiny_model_dir, tmp
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the reward model was checked")
 
-    monkeypatch.setattr(sft, "load_model", no_loading)
+    monkeypatch.setattr(build, "load_model", no_loading)
     monkeypatch.setattr(loading, "load_model", no_loading)
     with pytest.raises(loading.ModelSourceError, match="no-such-rm"):
         ready(config)
@@ -300,16 +307,16 @@ def test_a_missing_reward_model_fails_before_any_model_loads(tiny_model_dir, tmp
 
 def test_log_probs_are_those_of_the_sampling_policy_at_its_temperature(tiny_model_dir, tmp_path, prompts_file):
     config = ppo_config(tiny_model_dir, tmp_path, prompts_file, ppo={"temperature": 0.5})
-    recipe = ready(config)
-    batch = first_window(recipe)[0]
-    rollout = recipe.collect_rollouts([batch])[0]
+    trainer = ready(config)
+    batch = first_window(trainer)[0]
+    rollout = trainer.recipe.collect_rollouts([batch])[0]
     samples = rollout.samples
     with torch.no_grad():
         for row in range(samples.mask.shape[0]):
             prompt = batch.examples[row].input_ids
             length = int(samples.mask[row].sum())
             response = samples.input_ids[row, samples.prompt_width:samples.prompt_width + length].tolist()
-            logits = recipe.model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+            logits = trainer.model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
             expected = torch.log_softmax(logits.float() / 0.5, dim=-1).gather(
                 1, torch.tensor(response)[:, None]).squeeze(1)
             assert torch.allclose(rollout.old_logp[row, :length], expected, atol=1e-4)
@@ -318,9 +325,9 @@ def test_log_probs_are_those_of_the_sampling_policy_at_its_temperature(tiny_mode
 def test_a_step_with_a_single_response_token_is_centred_not_whitened(tiny_model_dir, tmp_path, prompts_file):
     config = ppo_config(tiny_model_dir, tmp_path, prompts_file, train={"batch_size": 1, "grad_accum": 1},
                         ppo={"max_new_tokens": 1})
-    recipe = ready(config)
-    loss, _ = recipe.train_step(first_window(recipe))
-    rollout = recipe.last_rollouts[0]
+    trainer = ready(config)
+    loss, _ = trainer.train_step(first_window(trainer))
+    rollout = trainer.recipe.last_rollouts[0]
     assert int(rollout.samples.mask.sum()) == 1 and torch.isfinite(loss)
     assert float(rollout.advantages.abs().max()) == 0.0  # one token: its advantage minus the mean
 

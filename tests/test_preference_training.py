@@ -12,9 +12,9 @@ import torch
 
 from conftest import write_jsonl
 from tuneforge.config import config_from_dict
+from tuneforge.engine.trainer import Trainer, run_training
 from tuneforge.losses import (bradley_terry_loss, dpo_loss, kto_loss, orpo_odds_ratio_loss, sequence_logprobs,
                               simpo_loss)
-from tuneforge.recipes import recipe_for, run_recipe
 
 PAIRS = [{"prompt": f"What colour is item {i}?", "chosen": f"Item {i} is {['red', 'blue', 'green'][i % 3]}.",
           "rejected": f"Well, let me think, item {i} might be, I believe, some colour or other, perhaps."}
@@ -62,18 +62,23 @@ def quiet(message):
     pass
 
 
-def ready(config):
-    recipe = recipe_for(config.method)(config, log=quiet, show_progress=False, run_dir=False)
-    recipe.setup()
-    return recipe
+def ready(config) -> Trainer:
+    trainer = Trainer(config, log=quiet, show_progress=False, run_dir=False)
+    trainer.setup()
+    return trainer
 
 
-def separate_rows(recipe, index):
+def separate_rows(trainer, index):
     """Micro-batch ``index`` (unshuffled) as 2B separate rows, chosen then rejected: the plain layout."""
     from tuneforge.data.preference import make_preference_batches
 
-    return make_preference_batches(recipe.data.train, recipe.config.train.batch_size,
-                                   recipe.tokenizer.pad_token_id)[index].sequences
+    return make_preference_batches(trainer.data.train, trainer.config.train.batch_size,
+                                   trainer.tokenizer.pad_token_id)[index].sequences
+
+
+def stat_means(stats) -> dict[str, float]:
+    """sum / weight of each named ``LossTerms`` statistic."""
+    return {name: (entry[0] / entry[1]).item() for name, entry in stats.items()}
 
 
 def full_logit_logprobs(model, sequences):
@@ -86,16 +91,16 @@ def full_logit_logprobs(model, sequences):
 # --------------------------------------------------------------------------------------------------- step 0
 @pytest.mark.parametrize("lora", [True, False])
 def test_dpo_step_zero_is_ln2_with_zero_margins(pref_config, lora):
-    recipe = ready(pref_config("dpo", lora={"enabled": lora}))
-    batch = recipe._epoch_batches(shuffle=False)[0]
+    trainer = ready(pref_config("dpo", lora={"enabled": lora}))
+    batch = trainer.epoch_batches(shuffle=False)[0]
     with torch.no_grad():
-        out = recipe.wrapped(batch)
+        out = trainer.wrapped(batch)
     pairs = batch.global_pairs
-    assert out["pair_loss"].item() / pairs == pytest.approx(math.log(2), abs=1e-6)
-    stats = recipe._named_stats(out["stats"], pairs)
+    assert out.loss_sum.item() / pairs == pytest.approx(math.log(2), abs=1e-6)
+    stats = stat_means(out.stats)
     assert stats["rewards_chosen"] == 0 and stats["rewards_rejected"] == 0 and stats["reward_margin"] == 0
     # And the logged first step says the same.
-    loss, _ = recipe.train_step([batch])
+    loss, _ = trainer.train_step([batch])
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
 
 
@@ -108,26 +113,26 @@ def test_recipe_loss_matches_direct_recomputation(pref_config, method, sections)
     """After a few steps (policy != reference), the recipe's step loss equals the paper's loss recomputed from the
     full logits of the policy and of the reference (a fresh copy of the starting model)."""
     config = pref_config(method, **sections)
-    recipe = ready(config)
-    batches = recipe._epoch_batches(shuffle=False)
+    trainer = ready(config)
+    batches = trainer.epoch_batches(shuffle=False)
     for batch in batches[:3]:
-        recipe.train_step([batch])
+        trainer.train_step([batch])
     batch = batches[0]
-    loss = recipe.compute_gradients([batch]).item()
-    recipe.optimizer.zero_grad(set_to_none=True)
+    loss = trainer.compute_gradients([batch]).item()
+    trainer.optimizer.zero_grad(set_to_none=True)
     pairs = batch.num_pairs
-    seq = separate_rows(recipe, 0)
+    seq = separate_rows(trainer, 0)
     with torch.no_grad():
         if method == "reward":
             from tuneforge.models.reward import reward_scores
 
-            scores = reward_scores(recipe.model, seq.input_ids, seq.attention_mask, seq.position_ids)
+            scores = reward_scores(trainer.model, seq.input_ids, seq.attention_mask, seq.position_ids)
             expected = bradley_terry_loss(scores[:pairs], scores[pairs:], None, 0.1).mean()
         else:
-            sums, means = full_logit_logprobs(recipe.model, seq)
+            sums, means = full_logit_logprobs(trainer.model, seq)
             if method == "dpo":
-                with recipe.model.disable_adapter():
-                    ref_sums, ref_means = full_logit_logprobs(recipe.model, seq)
+                with trainer.model.disable_adapter():
+                    ref_sums, ref_means = full_logit_logprobs(trainer.model, seq)
                 cfg = config.dpo
                 use = (means, ref_means) if cfg.loss == "ipo" else (sums, ref_sums)
                 expected = dpo_loss(use[0][:pairs], use[0][pairs:], use[1][:pairs], use[1][pairs:], cfg.beta, cfg.loss,
@@ -143,18 +148,18 @@ def test_recipe_loss_matches_direct_recomputation(pref_config, method, sections)
 
 def test_kto_loss_matches_direct_recomputation(pref_config):
     config = pref_config("kto")
-    recipe = ready(config)
-    batches = recipe._epoch_batches(shuffle=False)
+    trainer = ready(config)
+    batches = trainer.epoch_batches(shuffle=False)
     for batch in batches[:2]:
-        recipe.train_step([batch])
+        trainer.train_step([batch])
     batch = batches[1]
-    loss = recipe.compute_gradients([batch]).item()
-    recipe.optimizer.zero_grad(set_to_none=True)
+    loss = trainer.compute_gradients([batch]).item()
+    trainer.optimizer.zero_grad(set_to_none=True)
     count, seq = batch.num_examples, batch.sequences
     with torch.no_grad():
-        policy, _ = full_logit_logprobs(recipe.model, seq)
-        with recipe.model.disable_adapter():
-            ref, _ = full_logit_logprobs(recipe.model, seq)
+        policy, _ = full_logit_logprobs(trainer.model, seq)
+        with trainer.model.disable_adapter():
+            ref, _ = full_logit_logprobs(trainer.model, seq)
     z0 = (policy[count:] - ref[count:]).mean()
     cfg = config.kto
     expected = kto_loss(policy[:count], ref[:count], batch.desirable, z0, cfg.beta, cfg.desirable_weight,
@@ -170,13 +175,13 @@ def test_shared_prompt_layout_equals_two_rows_per_pair(pref_config, lora):
     two-row layout, with fewer tokens through the model."""
     results = {}
     for shared in (True, False):
-        recipe = ready(pref_config("dpo", lora={"enabled": lora}, data={"shared_prompt": shared},
-                                   dpo={"precompute_ref": True}))
-        recipe.train_step([recipe._epoch_batches(shuffle=False)[1]])  # move the policy off the reference
-        batch = recipe._epoch_batches(shuffle=False)[0]
-        logps = recipe._logprobs(recipe.model, batch).sums.detach()
-        recipe.compute_gradients([batch])
-        grads = {n: p.grad.clone() for n, p in recipe.model.named_parameters() if p.grad is not None}
+        trainer = ready(pref_config("dpo", lora={"enabled": lora}, data={"shared_prompt": shared},
+                                    dpo={"precompute_ref": True}))
+        trainer.train_step([trainer.epoch_batches(shuffle=False)[1]])  # move the policy off the reference
+        batch = trainer.epoch_batches(shuffle=False)[0]
+        logps = trainer.recipe.logprobs(trainer.model, batch).sums.detach()
+        trainer.compute_gradients([batch])
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
         results[shared] = (batch.sequences.input_ids.shape, logps, grads)
     (shared_shape, shared_logps, shared_grads), (rows_shape, row_logps, row_grads) = results[True], results[False]
     assert shared_shape[0] == rows_shape[0] // 2 and shared_shape[1] < 2 * rows_shape[1]
@@ -191,10 +196,10 @@ def test_shared_prompt_mask_holds_under_the_eager_kernel(pref_config):
     (engine.step.kernel_mask): the log-probs equal those of two plain rows per pair under SDPA."""
     logps = {}
     for kernel, shared in (("eager", True), ("sdpa", False)):
-        recipe = ready(pref_config("dpo", model={"attn_implementation": kernel}, data={"shared_prompt": shared},
-                                   dpo={"precompute_ref": True}))
+        trainer = ready(pref_config("dpo", model={"attn_implementation": kernel}, data={"shared_prompt": shared},
+                                    dpo={"precompute_ref": True}))
         with torch.no_grad():
-            logps[kernel] = recipe._logprobs(recipe.model, recipe._epoch_batches(shuffle=False)[0]).sums
+            logps[kernel] = trainer.recipe.logprobs(trainer.model, trainer.epoch_batches(shuffle=False)[0]).sums
     torch.testing.assert_close(logps["eager"], logps["sdpa"], atol=1e-4, rtol=1e-5)
 
 
@@ -203,17 +208,17 @@ def test_lora_reference_is_the_starting_model_without_a_copy(pref_config, tiny_m
     of the model exists."""
     from transformers import AutoModelForCausalLM
 
-    recipe = ready(pref_config("dpo", train={"lr": 1e-2}))
-    batches = recipe._epoch_batches(shuffle=False)
+    trainer = ready(pref_config("dpo", train={"lr": 1e-2}))
+    batches = trainer.epoch_batches(shuffle=False)
     for batch in batches:
-        recipe.train_step([batch])
-    assert recipe.reference_model is None
-    seq = separate_rows(recipe, 0)
+        trainer.train_step([batch])
+    assert trainer.recipe.reference.copy is None
+    seq = separate_rows(trainer, 0)
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():
         expected, _ = full_logit_logprobs(start, seq)
-        trained, _ = full_logit_logprobs(recipe.model, seq)
-    reference = recipe._reference_logprobs(recipe.model, batches[0]).sums
+        trained, _ = full_logit_logprobs(trainer.model, seq)
+    reference = trainer.recipe.reference_logprobs(trainer.model, batches[0]).sums
     torch.testing.assert_close(reference, expected, atol=1e-4, rtol=1e-5)
     assert (trained - expected).abs().max() > 1e-2  # the policy itself did move
 
@@ -224,11 +229,11 @@ def test_precomputed_reference_trains_like_the_inline_reference(pref_config, lor
     frozen copy of the model."""
     losses = {}
     for precompute in (False, True):
-        recipe = ready(pref_config("dpo", lora={"enabled": lora}, dpo={"precompute_ref": precompute}))
-        assert (recipe.reference_model is None) == (lora or precompute)
-        batches = recipe._epoch_batches(shuffle=False)
+        trainer = ready(pref_config("dpo", lora={"enabled": lora}, dpo={"precompute_ref": precompute}))
+        assert (trainer.recipe.reference.copy is None) == (lora or precompute)
+        batches = trainer.epoch_batches(shuffle=False)
         assert (batches[0].ref_chosen is not None) == precompute
-        losses[precompute] = [recipe.train_step([b])[0].item() for b in batches]
+        losses[precompute] = [trainer.train_step([b])[0].item() for b in batches]
     assert losses[True] == pytest.approx(losses[False], abs=2e-5)
     assert losses[False][-1] < losses[False][0]
 
@@ -239,10 +244,10 @@ def test_batch_4_equals_batch_1_times_accumulation_4(pref_config, method):
     """The step's gradient is the mean over its pairs (ORPO's NLL: over its chosen tokens), whatever the split."""
     grads = {}
     for batch_size, accum in ((4, 1), (1, 4), (2, 2)):
-        recipe = ready(pref_config(method, train={"batch_size": batch_size, "grad_accum": accum}))
-        batches = recipe._epoch_batches(shuffle=False)
-        recipe.compute_gradients([batches[i] for i in range(accum)])
-        grads[batch_size] = {n: p.grad.clone() for n, p in recipe.model.named_parameters() if p.grad is not None}
+        trainer = ready(pref_config(method, train={"batch_size": batch_size, "grad_accum": accum}))
+        batches = trainer.epoch_batches(shuffle=False)
+        trainer.compute_gradients([batches[i] for i in range(accum)])
+        grads[batch_size] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     assert grads[4].keys() == grads[1].keys() and grads[4]
     for name in grads[4]:
         torch.testing.assert_close(grads[1][name], grads[4][name], atol=1e-6, rtol=1e-4)
@@ -285,10 +290,10 @@ def test_reward_is_read_at_the_last_real_token_when_pad_is_eos(tiny_model_dir, t
 
 def test_reward_run_scores_from_the_cli_like_training(pref_config, tmp_path, pairs_file, capsys):
     from tuneforge.cli import main
-    from tuneforge.eval.scoring import RewardScorer
+    from tuneforge.rewards.scoring import RewardScorer
 
     config = pref_config("reward", train={"epochs": 3, "lr": 3e-3}, data={"val_fraction": 0.25})
-    summary = run_recipe(config, log=quiet)
+    summary = run_training(config, log=quiet)
     assert summary["val_accuracy"] == 1.0 and summary["val_reward_margin"] > 0
     out = tmp_path / "scores.jsonl"
     assert main(["score", summary["run_dir"], "--data", str(pairs_file), "--out", str(out)]) == 0
@@ -333,25 +338,24 @@ def test_each_method_trains_from_the_cli(pref_config, method, tmp_path, capsys):
 def test_dpo_from_a_lora_sft_run_uses_that_run_as_reference(pref_config, make_config, qa_file, tmp_path):
     """The SFT adapter is folded into the base, so step 0 is ln 2 against the SFT model (not the raw base), and the
     saved DPO run loads as base + SFT adapter + DPO adapter."""
-    from tuneforge.inference import Generator
-    from tuneforge.recipes.sft import run_sft
+    from tuneforge.generation import Generator
 
-    sft = run_sft(make_config(qa_file, train={"output_dir": str(tmp_path / "sft"), "epochs": 2}), log=quiet)
+    sft = run_training(make_config(qa_file, train={"output_dir": str(tmp_path / "sft"), "epochs": 2}), log=quiet)
     config = pref_config("dpo", model={"name_or_path": sft["run_dir"]}, train={"max_steps": 2})
-    recipe = ready(config)
-    batch = recipe._epoch_batches(shuffle=False)[0]
-    seq = separate_rows(recipe, 0)
+    trainer = ready(config)
+    batch = trainer.epoch_batches(shuffle=False)[0]
+    seq = separate_rows(trainer, 0)
     sft_model = Generator.load(sft["run_dir"]).model
     with torch.no_grad():
         sft_logps, _ = full_logit_logprobs(sft_model, seq)
-        reference = recipe._reference_logprobs(recipe.model, batch).sums
-    assert recipe.train_step([batch])[0].item() == pytest.approx(math.log(2), abs=1e-6)
+        reference = trainer.recipe.reference_logprobs(trainer.model, batch).sums
+    assert trainer.train_step([batch])[0].item() == pytest.approx(math.log(2), abs=1e-6)
     torch.testing.assert_close(reference, sft_logps, atol=1e-4, rtol=1e-5)
-    summary = run_recipe(config, log=quiet)
+    summary = run_training(config, log=quiet)
     loaded = Generator.load(summary["run_dir"]).model
-    recipe.train_step([recipe._epoch_batches(shuffle=False)[1]])
+    trainer.train_step([trainer.epoch_batches(shuffle=False)[1]])
     with torch.no_grad():
-        torch.testing.assert_close(full_logit_logprobs(loaded, seq)[0], full_logit_logprobs(recipe.model, seq)[0],
+        torch.testing.assert_close(full_logit_logprobs(loaded, seq)[0], full_logit_logprobs(trainer.model, seq)[0],
                                    atol=1e-4, rtol=1e-5)
 
 
@@ -360,11 +364,11 @@ def test_dpo_resume_continues_exactly(pref_config):
     (not the resumed weights) and continues with the same losses."""
     make = lambda steps: pref_config("dpo", lora={"enabled": False}, dpo={"precompute_ref": True},  # noqa: E731
                                      train={"epochs": 3, "max_steps": steps}, save={"every": 2})
-    whole = run_recipe(make(6), log=quiet)
+    whole = run_training(make(6), log=quiet)
     records = [json.loads(line) for line in open(f"{whole['run_dir']}/metrics.jsonl")]
     uninterrupted = [r["loss"] for r in records if "loss" in r]
-    run_recipe(make(3), overwrite=True, log=quiet)
-    resumed = run_recipe(make(6), log=quiet, resume=True)
+    run_training(make(3), overwrite=True, log=quiet)
+    resumed = run_training(make(6), log=quiet, resume=True)
     records = [json.loads(line) for line in open(f"{resumed['run_dir']}/metrics.jsonl")]
     losses = {r["step"]: r["loss"] for r in records if "loss" in r}
     assert [losses[s] for s in range(1, 7)] == pytest.approx(uninterrupted, abs=1e-6)
@@ -400,13 +404,13 @@ def test_reward_margin_from_the_rows_enters_the_loss(pref_config, tmp_path):
 
     margins = [0.5 * (i % 4) for i in range(len(PAIRS))]
     path = write_jsonl(tmp_path / "margins.jsonl", [{**row, "margin": m} for row, m in zip(PAIRS, margins)])
-    recipe = ready(pref_config("reward", data={"train": str(path)}))
-    batch = recipe._epoch_batches(shuffle=False)[1]
+    trainer = ready(pref_config("reward", data={"train": str(path)}))
+    batch = trainer.epoch_batches(shuffle=False)[1]
     torch.testing.assert_close(batch.margins, torch.tensor(margins[4:8]))
-    loss = recipe.compute_gradients([batch]).item()
+    loss = trainer.compute_gradients([batch]).item()
     seq = batch.sequences
     with torch.no_grad():
-        scores = reward_scores(recipe.model, seq.input_ids, seq.attention_mask, seq.position_ids)
+        scores = reward_scores(trainer.model, seq.input_ids, seq.attention_mask, seq.position_ids)
     expected = bradley_terry_loss(scores[:4], scores[4:], batch.margins).mean().item()
     assert loss == pytest.approx(expected, rel=1e-6)
     assert loss != pytest.approx(bradley_terry_loss(scores[:4], scores[4:]).mean().item(), rel=1e-3)
@@ -418,13 +422,13 @@ def test_qlora_preference_training_on_a_4bit_base(pref_config, method):
     adapter-disabled reference is the quantized start (step 0 is ln 2) and the loss goes down."""
     pytest.importorskip("bitsandbytes")
     config = pref_config(method, model={"load_in": "4bit", "compute_dtype": "float32"}, train={"epochs": 2})
-    recipe = ready(config)
-    kinds = {type(m).__name__ for m in recipe.model.modules()}
+    trainer = ready(config)
+    kinds = {type(m).__name__ for m in trainer.model.modules()}
     assert "Linear4bit" in kinds
-    trainable = [n for n, p in recipe.model.named_parameters() if p.requires_grad]
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or "score" in n for n in trainable)
-    batches = recipe._epoch_batches(shuffle=False)
-    losses = [recipe.train_step([batches[i % len(batches)]])[0].item() for i in range(6)]
+    batches = trainer.epoch_batches(shuffle=False)
+    losses = [trainer.train_step([batches[i % len(batches)]])[0].item() for i in range(6)]
     if method == "dpo":
         assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
     assert losses[-1] < losses[0]
@@ -445,7 +449,7 @@ def test_each_method_trains_on_the_default_model(method, tmp_path):
         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 4, "batch_size": 2, "lr": 1e-4, "seed": 0,
                   "warmup_ratio": 0.0, "scheduler": "constant", "mixed_precision": "no"},
     })
-    summary = run_recipe(config, log=quiet)
+    summary = run_training(config, log=quiet)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert summary["steps"] == 4 and all(math.isfinite(v) for v in losses)

@@ -144,9 +144,9 @@ def test_piped_training_prints_the_first_step_evaluations_and_the_end_and_no_noi
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed")
 def test_piped_eval_shows_progress_and_no_noise(tiny_model_dir, qa_file, tmp_path):
     from tuneforge.config import config_from_dict
-    from tuneforge.recipes.sft import run_sft
+    from tuneforge.engine.trainer import run_training
 
-    run_sft(config_from_dict({
+    run_training(config_from_dict({
         "model": {"name_or_path": str(tiny_model_dir)}, "data": {"train": str(qa_file), "max_length": 64},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "batch_size": 4, "mixed_precision": "no"}}),

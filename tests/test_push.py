@@ -16,7 +16,7 @@ from tuneforge.errors import USER_ERROR_EXIT_CODE, UserError
 from tuneforge.models import push as push_module
 from tuneforge.models.loading import RUN_MARKER
 from tuneforge.models.push import NO_TOKEN, prepare_upload, push
-from tuneforge.recipes.sft import run_sft
+from tuneforge.engine.trainer import run_training
 
 # A command that fails for want of a token or a network must say so within this many seconds.
 FAST_S = 10
@@ -42,7 +42,7 @@ def lora_run(tmp_path_factory, tiny_model_dir):
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "train": {"output_dir": str(root / "run"), "max_steps": 1, "batch_size": 4, "log_every": 1, "seed": 0,
                   "mixed_precision": "no"}})
-    run_sft(config, log=quiet)
+    run_training(config, log=quiet)
     return root / "run"
 
 

@@ -17,9 +17,9 @@ from tuneforge.cli import main as cli_main
 from tuneforge.data.formats import Message
 from tuneforge.engine.metrics import read_metrics
 from tuneforge.errors import ConfigError, UserError
-from tuneforge.inference import Generator
+from tuneforge.generation import Generator
 from tuneforge.models.loading import Quantization, load_model, resolve_model
-from tuneforge.recipes.sft import SFTRecipe, run_sft
+from tuneforge.engine.trainer import Trainer, run_training
 
 bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install 'tuneforge[qlora]')")
 
@@ -73,7 +73,7 @@ def test_4bit_qlora_run_trains_and_saves_a_peft_adapter(qlora_run):
 
 def test_recipe_base_is_4bit_and_only_adapters_train(make_config, qa_file):
     config = make_config(qa_file, model=QLORA, train={"max_steps": 1})
-    recipe = SFTRecipe(config, log=quiet, show_progress=False, run_dir=False)
+    recipe = Trainer(config, log=quiet, show_progress=False, run_dir=False)
     recipe.setup()
     assert linear_types(recipe.model) == {"Linear4bit"}
     q_proj = recipe.model.get_base_model().model.layers[0].self_attn.q_proj
@@ -96,7 +96,7 @@ def test_generator_loads_a_qlora_run_quantized_like_training(qlora_run):
 def test_8bit_base_loads_and_trains_one_step(make_config, qa_file):
     config = make_config(qa_file, model={"load_in": "8bit"}, train={"max_steps": 1})
     try:
-        summary = run_sft(config, log=quiet)
+        summary = run_training(config, log=quiet)
     except (RuntimeError, NotImplementedError) as exc:  # a bitsandbytes build without CPU int8 kernels
         pytest.skip(f"bitsandbytes 8-bit does not run on this machine: {exc}")
     assert summary["steps"] == 1 and summary["train_loss"] == summary["train_loss"]
@@ -172,17 +172,17 @@ def test_quantized_logits_are_close_to_float(tiny_model_dir, settings):
 
 def test_qlora_with_gradient_checkpointing_trains(make_config, qa_file):
     config = make_config(qa_file, model=QLORA, train={"max_steps": 2, "gradient_checkpointing": True})
-    summary = run_sft(config, log=quiet)
+    summary = run_training(config, log=quiet)
     assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["train_loss"]))
 
 
 @pytest.mark.parametrize("name, cls", [("adamw8bit", "AdamW8bit"), ("paged_adamw8bit", "PagedAdamW8bit")])
 def test_eight_bit_optimizers_train_with_uint8_states(make_config, qa_file, name, cls):
     """train.optimizer picks bitsandbytes' 8-bit AdamW: its moments are stored as uint8 for large tensors."""
-    from tuneforge.recipes.sft import SFTRecipe
+    from tuneforge.engine.trainer import Trainer
 
     pytest.importorskip("bitsandbytes")
-    recipe = SFTRecipe(make_config(qa_file, lora={"enabled": False}, train={"max_steps": 2, "optimizer": name,
+    recipe = Trainer(make_config(qa_file, lora={"enabled": False}, train={"max_steps": 2, "optimizer": name,
                                                                             "lr": 1e-3}),
                        log=lambda m: None, show_progress=False, run_dir=False)
     recipe.setup()

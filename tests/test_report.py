@@ -19,9 +19,9 @@ import pytest
 from tuneforge.cli import main as cli_main
 from tuneforge.config import config_from_dict
 from tuneforge.engine.plots import metric_panels, plot_runs
+from tuneforge.engine.trainer import run_training
 from tuneforge.errors import UserError
 from tuneforge.eval.report import MARKER, load_evaluation, metric_table, write_report
-from tuneforge.recipes import run_recipe
 
 from conftest import QA_ROWS, write_jsonl
 
@@ -69,7 +69,7 @@ EXPECTED_ROWS = [
 
 # ------------------------------------------------------------------------------------------------ fixtures
 def _train(config: dict) -> Path:
-    summary = run_recipe(config_from_dict(config), overwrite=True, log=lambda message: None)
+    summary = run_training(config_from_dict(config), overwrite=True, log=lambda message: None)
     return Path(summary["run_dir"])
 
 

@@ -16,7 +16,7 @@ import yaml
 from conftest import QA_ROWS, write_jsonl
 from tuneforge.config import config_from_dict
 from tuneforge.eval.report import write_report
-from tuneforge.recipes import run_recipe
+from tuneforge.engine.trainer import run_training
 from test_report import parse, table_with
 
 ENVIRONMENT = {"tuneforge": "0.1.0", "commit": "abc123", "python": "3.11.7", "torch": "2.9.0",
@@ -62,7 +62,7 @@ def trained(tmp_path_factory, tiny_model_dir) -> Path:
               "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
               "train": {"output_dir": str(root / "runs" / "a"), "epochs": 1, "batch_size": 4, "lr": 1e-3,
                         "log_every": 1, "seed": 0, "mixed_precision": "no"}}
-    summary = run_recipe(config_from_dict(config), overwrite=True, log=lambda message: None)
+    summary = run_training(config_from_dict(config), overwrite=True, log=lambda message: None)
     return Path(summary["run_dir"])
 
 

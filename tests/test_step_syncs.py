@@ -13,7 +13,7 @@ import torch
 
 from tuneforge.engine import checkpoint as ckpt
 from tuneforge.engine.metrics import read_metrics
-from tuneforge.recipes.sft import NonFiniteLossError, SFTRecipe, run_sft
+from tuneforge.engine.trainer import NonFiniteLossError, Trainer, run_training
 
 from conftest import poison_loss
 
@@ -22,7 +22,7 @@ READS = ("item", "tolist", "__float__", "__int__", "__bool__", "numpy")
 
 @pytest.fixture
 def accelerator_path(monkeypatch):
-    monkeypatch.setattr(SFTRecipe, "check_every_step", property(lambda self: False))
+    monkeypatch.setattr(Trainer, "check_every_step", property(lambda self: False))
 
 
 @pytest.fixture
@@ -54,9 +54,9 @@ def test_train_step_reads_nothing_back_from_the_device(make_config, qa_file, acc
     # transformers' SDPA mask code, to decide whether it can use is_causal; that read is transformers'.)
     config = make_config(qa_file, data={"packing": True, "max_length": 64},
                          train={"batch_size": 1, "grad_accum": grad_accum})
-    recipe = SFTRecipe(config, log=quiet, show_progress=False, run_dir=False)
+    recipe = Trainer(config, log=quiet, show_progress=False, run_dir=False)
     recipe.setup()
-    batches = recipe._epoch_batches(shuffle=False)
+    batches = recipe.epoch_batches(shuffle=False)
     windows = [batches[i:i + grad_accum] for i in range(0, 3 * grad_accum, grad_accum)]
     host_reads["on"] = True
     for window in windows:
@@ -76,7 +76,7 @@ def test_deferred_guard_names_the_first_bad_step_and_saves_nothing_from_it(make_
     poison_loss(monkeypatch, 2, only=True)
     config = make_config(qa_file, train={"max_steps": 5, "log_every": 3}, save={"every": 1, "keep_last": 5})
     with pytest.raises(NonFiniteLossError, match="step 2: the loss is nan"):
-        run_sft(config, log=quiet)
+        run_training(config, log=quiet)
     run_dir = tmp_path / "run"
     complete, _ = ckpt.list_checkpoints(run_dir)
     assert [path.name for path in complete] == ["step-00000001"]
@@ -87,7 +87,7 @@ def test_deferred_guard_names_the_first_bad_step_and_saves_nothing_from_it(make_
 def test_deferred_guard_raises_at_the_next_log_step_without_checkpoints(make_config, qa_file, monkeypatch,
                                                                         accelerator_path):
     poison_loss(monkeypatch, 2)
-    recipe = SFTRecipe(make_config(qa_file, train={"max_steps": 6, "log_every": 4}), log=quiet,
+    recipe = Trainer(make_config(qa_file, train={"max_steps": 6, "log_every": 4}), log=quiet,
                        show_progress=False, run_dir=False)
     recipe.setup()
     with pytest.raises(NonFiniteLossError, match="step 2: the loss is nan"):

@@ -142,9 +142,9 @@ def test_streaming_in_file_order_trains_as_the_in_memory_run(make_config, tmp_pa
         out = tmp_path / f"run-{streaming}"
         config = make_config(path, data={"shuffle": False, "packing": packing, "streaming": streaming},
                              train={"max_steps": 3, "batch_size": batch_size, "output_dir": str(out)})
-        from tuneforge.recipes.sft import run_sft
+        from tuneforge.engine.trainer import run_training
 
-        run_sft(config, log=lambda _: None)
+        run_training(config, log=lambda _: None)
         runs[streaming] = out
     assert len(train_losses(runs[True])) == 3
     assert_same_records(train_losses(runs[True]), train_losses(runs[False]))

@@ -18,7 +18,7 @@ from tuneforge.errors import DataError, UserError
 from tuneforge.losses import IGNORE_INDEX, reference_lm_loss_sum
 from tuneforge.models.adapters import is_peft
 from tuneforge.models.loading import RUN_MARKER
-from tuneforge.recipes.sft import NonFiniteLossError, SFTRecipe, optimizer_windows, run_sft
+from tuneforge.engine.trainer import NonFiniteLossError, Trainer, optimizer_windows, run_training
 
 from conftest import poison_loss, write_jsonl
 
@@ -43,8 +43,8 @@ def quiet(_message):
     pass
 
 
-def make_recipe(config, run_dir: bool = False, **kwargs) -> SFTRecipe:
-    recipe = SFTRecipe(config, log=quiet, show_progress=False, run_dir=run_dir, **kwargs)
+def make_recipe(config, run_dir: bool = False, **kwargs) -> Trainer:
+    recipe = Trainer(config, log=quiet, show_progress=False, run_dir=run_dir, **kwargs)
     recipe.setup()
     return recipe
 
@@ -58,13 +58,13 @@ def randomise_lora_b(model: torch.nn.Module, seed: int = 0) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
 
 
-def only_window(recipe: SFTRecipe) -> list[Batch]:
-    windows = list(optimizer_windows(recipe._epoch_batches(shuffle=True), recipe.config.train.grad_accum))
+def only_window(recipe: Trainer) -> list[Batch]:
+    windows = list(optimizer_windows(recipe.epoch_batches(shuffle=True), recipe.config.train.grad_accum))
     assert len(windows) == 1
     return windows[0]
 
 
-def gradients(recipe: SFTRecipe, window: list[Batch]) -> tuple[float, dict[str, torch.Tensor]]:
+def gradients(recipe: Trainer, window: list[Batch]) -> tuple[float, dict[str, torch.Tensor]]:
     loss = recipe.compute_gradients(window)
     grads = {name: p.grad.detach().clone() for name, p in recipe.model.named_parameters() if p.grad is not None}
     recipe.model.zero_grad(set_to_none=True)
@@ -90,7 +90,7 @@ def test_lm_loss_sum_matches_full_logits_of_the_model(make_config, varied_file, 
     # gradient must add up exactly as with plain full logits.
     recipe = make_recipe(make_config(varied_file, lora={"enabled": False},
                                      data={"packing": packing, "max_length": 160}, train={"batch_size": 4}))
-    batch = recipe._epoch_batches(shuffle=False)[0]
+    batch = recipe.epoch_batches(shuffle=False)[0]
     model = recipe.model
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -215,7 +215,7 @@ def test_packed_shuffled_epochs_are_all_trained(make_config, tmp_path):
     config = make_config(rows, data={"packing": True, "max_length": 100},
                          train={"batch_size": 1, "epochs": 3, "seed": 0, "log_every": 1000})
     recipe = make_recipe(config)
-    unshuffled = len(recipe._epoch_batches(shuffle=False))
+    unshuffled = len(recipe.epoch_batches(shuffle=False))
     summary = recipe.train()
     epoch_tokens = sum(len(e.input_ids) for e in recipe.data.train)
     assert summary["tokens"] == 3 * epoch_tokens
@@ -238,7 +238,7 @@ def test_bf16_autocast_step_stays_close_to_fp32(make_config, varied_file):
 
 def test_evaluate_loss_is_the_token_mean_and_restores_training_mode(make_config, varied_file):
     recipe = make_recipe(make_config(varied_file, lora={"enabled": False}, train={"batch_size": 3}))
-    batches = recipe._epoch_batches(shuffle=False)
+    batches = recipe.epoch_batches(shuffle=False)
     with torch.no_grad():
         total = sum(float(engine_step.lm_loss_sum(recipe.model, b, 1024)) for b in batches)
     trained = sum(b.num_trained for b in batches)
@@ -388,13 +388,13 @@ def test_non_finite_loss_stops_the_run_without_saving(make_config, qa_file, monk
     poison_loss(monkeypatch, 2)
     config = make_config(qa_file, train={"max_steps": 4})
     with pytest.raises(NonFiniteLossError, match="step 2"):
-        run_sft(config, log=quiet)
+        run_training(config, log=quiet)
     run_dir = tmp_path / "run"
     assert not (run_dir / RUN_MARKER).exists()
     assert not (run_dir / "adapter").exists()
     # The stopped run is still recognisably tuneforge's, so it can be replaced.
     monkeypatch.undo()  # the real loss again
-    summary = run_sft(config, overwrite=True, log=quiet)
+    summary = run_training(config, overwrite=True, log=quiet)
     assert summary["steps"] == 4 and (run_dir / RUN_MARKER).exists()
 
 
@@ -404,7 +404,7 @@ METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "ela
 
 def test_run_directory_contents_and_overwrite_rules(make_config, qa_file, tmp_path):
     config = make_config(qa_file, train={"max_steps": 2, "log_every": 1}, data={"val_fraction": 0.25})
-    summary = run_sft(config, log=quiet)
+    summary = run_training(config, log=quiet)
     run_dir = tmp_path / "run"
     assert summary["run_dir"] == str(run_dir) and summary["steps"] == 2
     assert math.isfinite(summary["val_loss"])
@@ -428,12 +428,12 @@ def test_run_directory_contents_and_overwrite_rules(make_config, qa_file, tmp_pa
     # An existing run is refused, and nothing in it is touched.
     before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     with pytest.raises(UserError, match="already exists"):
-        run_sft(config, log=quiet)
+        run_training(config, log=quiet)
     assert {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
     # With overwrite the old run is replaced, not merged into.
     (run_dir / "stale.txt").write_text("from the old run")
-    run_sft(make_config(qa_file, train={"max_steps": 1}), overwrite=True, log=quiet)
+    run_training(make_config(qa_file, train={"max_steps": 1}), overwrite=True, log=quiet)
     assert not (run_dir / "stale.txt").exists()
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r] == [1]
 
@@ -443,20 +443,20 @@ def test_overwrite_never_deletes_a_folder_tuneforge_did_not_make(make_config, qa
     run_dir.mkdir()
     (run_dir / "precious.txt").write_text("keep me")
     with pytest.raises(UserError, match="not a tuneforge run directory"):
-        run_sft(make_config(qa_file, train={"max_steps": 1}), overwrite=True, log=quiet)
+        run_training(make_config(qa_file, train={"max_steps": 1}), overwrite=True, log=quiet)
     assert (run_dir / "precious.txt").read_text() == "keep me"
 
     run_dir.rename(tmp_path / "moved")
     run_dir.write_text("a file, not a folder")
     for overwrite in (False, True):
         with pytest.raises(UserError):
-            run_sft(make_config(qa_file, train={"max_steps": 1}), overwrite=overwrite, log=quiet)
+            run_training(make_config(qa_file, train={"max_steps": 1}), overwrite=overwrite, log=quiet)
     assert run_dir.read_text() == "a file, not a folder"
 
 
 def test_full_fine_tuning_from_a_lora_run_trains_the_merged_model(make_config, qa_file, tmp_path):
     lora_dir = tmp_path / "lora-run"
-    run_sft(make_config(qa_file, train={"max_steps": 1, "output_dir": str(lora_dir)}), log=quiet)
+    run_training(make_config(qa_file, train={"max_steps": 1, "output_dir": str(lora_dir)}), log=quiet)
     config = make_config(qa_file, model={"name_or_path": str(lora_dir)}, lora={"enabled": False},
                          train={"max_steps": 1})
     recipe = make_recipe(config)

@@ -97,7 +97,7 @@ class Run:
     def generate(self, messages, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0
                  ) -> str | list[str]:
         """:func:`generate` with this run's model, loaded once and kept for later calls."""
-        from tuneforge.inference import Generator
+        from tuneforge.generation import Generator
 
         if self._generator is None:
             self._generator = Generator.load(str(self.path))
@@ -187,11 +187,11 @@ def run_training(config: RunConfig, overwrite: bool = False, resume: bool | str 
     """Train a validated config: the one training path of ``tuneforge train`` and :func:`train`. Returns the run's
     summary (what ``summary.json`` holds, with ``run_dir``)."""
     from tuneforge.engine.distributed import shutdown_distributed
-    from tuneforge.recipes import run_recipe
+    from tuneforge.engine import trainer
 
     try:
-        summary = run_recipe(config, overwrite=overwrite, log=log, resume=resume, force=force,
-                             show_progress=show_progress)
+        summary = trainer.run_training(config, overwrite=overwrite, log=log, resume=resume, force=force,
+                                       show_progress=show_progress)
     except BaseException:
         shutdown_distributed(clean=False)
         raise
@@ -329,7 +329,7 @@ def load(model, dtype: str = "float32", template: str | None = None) -> tuple:
     """(model, tokenizer) of any model source (``"default"``, a folder, a ``.gguf`` file, a run, a hub id): a
     transformers model on the best device, in eval mode; for a LoRA run a ``peft.PeftModel`` with its adapter
     (and a QLoRA run's base quantized as in training)."""
-    from tuneforge.inference import Generator
+    from tuneforge.generation import Generator
 
     generator = Generator.load(_model_spec(model), template=template, dtype=dtype)
     return generator.model, generator.tokenizer
@@ -368,7 +368,7 @@ def generate(model, messages, max_new_tokens: int = 128, temperature: float = 0.
     """Answer with the template the model was trained with (a run's own, else the tokenizer's).
 
     Args:
-        model: any model source (see :func:`load`), or a ``tuneforge.inference.Generator`` already loaded.
+        model: any model source (see :func:`load`), or a ``tuneforge.generation.Generator`` already loaded.
         messages: a user message (a string), one conversation (a list of ``{"role", "content"}`` dicts ending
             with a user message), or a list of conversations.
         max_new_tokens: longest answer in tokens; default 128.
@@ -377,7 +377,7 @@ def generate(model, messages, max_new_tokens: int = 128, temperature: float = 0.
     Returns:
         The answer (a string) for one conversation, a list of answers for a list.
     """
-    from tuneforge.inference import Generator
+    from tuneforge.generation import Generator
 
     conversations, single = conversations_from(messages)
     generator = model if isinstance(model, Generator) else Generator.load(_model_spec(model), template=template,

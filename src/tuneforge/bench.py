@@ -1,7 +1,9 @@
 """``tuneforge bench``: throughput, peak memory and model FLOPs utilisation of a short training workload.
 
-The workload goes through the same code as ``tuneforge train`` (data pipeline, recipe, train_step); only the
-timing harness is here. One warm-up step is excluded from the timing.
+The workload goes through the same code as ``tuneforge train`` (data pipeline, the method's recipe, the trainer's
+``train_step``); only the timing harness is here. Which workload a method gets is its spec's question
+(``tuneforge.recipes.registry``): online methods sample from addition prompts, methods on pairs get synthetic
+pairs, methods on rows synthetic rows. One warm-up step is excluded from the timing.
 
 Model FLOPs per processed token (padding excluded), N = matmul parameters of the base model including the
 output head and excluding the embedding lookup:
@@ -13,6 +15,7 @@ FLOP/s by a matmul peak measured in the same process for the same dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -25,6 +28,8 @@ from pathlib import Path
 import torch
 
 from tuneforge.config import config_from_dict
+from tuneforge.errors import ConfigError
+from tuneforge.recipes.registry import MethodSpec, get, methods
 
 _WORDS = ("river stone lantern harbour copper meadow signal window orbit garden quiet market bridge paper "
           "engine winter silver forest cable ladder island morning thunder velvet canyon mirror pocket "
@@ -131,21 +136,27 @@ def run_bench(method: str = "sft", model: str = "default", data: str | None = No
         raise ValueError(f"warmup_steps must be 0 or more, not {warmup_steps}")
     train_options = {"loss_chunk_size": loss_chunk_size, "compile": compile,
                      "checkpoint_fraction": checkpoint_fraction}
-    if method in ("grpo", "rloo", "ppo"):
+    spec = get(method)
+    if spec.online:
         return run_online_bench(method, model, data, batch_size, max_length, steps, lora_r, dtype, full,
                                 gradient_checkpointing, load_in, generations, max_new_tokens,
                                 model_options=model_options, train_options=train_options, warmup_steps=warmup_steps)
-    if method != "sft":
+    if spec.data == "pairs":
         return run_preference_bench(method, model, data, batch_size, max_length, steps, lora_r, dtype, full,
                                     gradient_checkpointing, load_in, precompute_ref, model_options=model_options,
                                     train_options=train_options, warmup_steps=warmup_steps)
+    if spec.data != "rows":
+        benched = ", ".join(name for name, other in methods().items()
+                            if other.online or other.data in ("rows", "pairs"))
+        raise ConfigError(f"bench: method {method} trains on {spec.data} rows, for which the bench has no synthetic "
+                          f"workload; use one of {benched}")
     with tempfile.TemporaryDirectory() as scratch:
-        recipe = _set_up(scratch, lambda: synthetic_rows(rows), method, model, data, batch_size, max_length, steps,
+        trainer = _set_up(scratch, lambda: synthetic_rows(rows), method, model, data, batch_size, max_length, steps,
                          lora_r, dtype, full, gradient_checkpointing, load_in, lr=1e-4,
                          data_options={"packing": packing}, model_options=model_options,
                          train_options=train_options, warmup_steps=warmup_steps)
         counts = {"tokens": 0, "trained": 0, "attention_flops": 0.0}
-        cfg = recipe.model.config
+        cfg = trainer.model.config
 
         def count(batch) -> None:
             counts["tokens"] += batch.num_tokens
@@ -153,12 +164,12 @@ def run_bench(method: str = "sft", model: str = "default", data: str | None = No
             lengths = batch.position_ids.max(dim=1).values + 1 if not packing else None
             counts["attention_flops"] += _attention_flops(batch, cfg, lengths)
 
-        elapsed = _time_steps(recipe, steps, count, warmup_steps)
-        n_matmul = matmul_parameters(recipe.model)
-        n_lora = lora_parameters(recipe.model)
+        elapsed = _time_steps(trainer, steps, count, warmup_steps)
+        n_matmul = matmul_parameters(trainer.model)
+        n_lora = lora_parameters(trainer.model)
         per_token = 6 * n_matmul if full else 4 * n_matmul + 6 * n_lora
         model_flops = per_token * counts["tokens"] + counts["attention_flops"]
-        peak = measure_matmul_peak(torch.bfloat16 if dtype == "bfloat16" else torch.float32, recipe.device)
+        peak = measure_matmul_peak(torch.bfloat16 if dtype == "bfloat16" else torch.float32, trainer.device)
         return {
             "method": method, "model": model, "dtype": dtype, "model_dtype": model_dtype,
             "attn_implementation": attn_implementation, "mode": "full" if full else f"lora-r{lora_r}",
@@ -172,7 +183,7 @@ def run_bench(method: str = "sft", model: str = "default", data: str | None = No
             "model_gflop_per_s": round(model_flops / elapsed / 1e9, 2),
             "matmul_peak_gflop_per_s": round(peak / 1e9, 2) if peak else None,
             "matmul_params": n_matmul, "lora_params": n_lora,
-            **_memory_and_machine(recipe.device), "cpus": os.cpu_count(),
+            **_memory_and_machine(trainer.device), "cpus": os.cpu_count(),
         }
 
 
@@ -180,18 +191,21 @@ def run_preference_bench(method: str, model: str, data: str | None, batch_size: 
                          lora_r: int, dtype: str, full: bool, gradient_checkpointing: bool, load_in: str,
                          precompute_ref: bool, model_options: dict | None = None,
                          train_options: dict | None = None, warmup_steps: int = 1) -> dict:
-    """Pairs/s, tokens/s and peak memory of DPO-family training (``method`` dpo, simpo, orpo or reward).
+    """Pairs/s, tokens/s and peak memory of training a method on pairs (dpo, simpo, orpo, reward ...).
 
     Model FLOPs count the policy's forward and backward on both sides of each pair (4·N per token for LoRA, 6·N
-    for full) plus, when the reference runs in line (DPO without ``precompute_ref``), its forward (2·N).
+    for full) plus, when a reference runs in line (a method with a reference, without ``precompute_ref``), its
+    forward (2·N). ``precompute_ref`` applies to a method whose section has that option.
     """
+    spec = get(method)
+    precompute_ref = precompute_ref and _has_option(spec, "precompute_ref")
     with tempfile.TemporaryDirectory() as scratch:
         setup_start = time.perf_counter()
         # Setup includes the reference pass over the data when precompute_ref is on.
-        recipe = _set_up(scratch, synthetic_pairs, method, model, data, batch_size, max_length, steps, lora_r,
-                         dtype, full, gradient_checkpointing, load_in, lr=1e-5,
-                         sections={"dpo": {"precompute_ref": precompute_ref}}, model_options=model_options,
-                         train_options=train_options, warmup_steps=warmup_steps)
+        trainer = _set_up(scratch, synthetic_pairs, method, model, data, batch_size, max_length, steps, lora_r,
+                          dtype, full, gradient_checkpointing, load_in, lr=1e-5,
+                          sections={spec.section: {"precompute_ref": True}} if precompute_ref else None,
+                          model_options=model_options, train_options=train_options, warmup_steps=warmup_steps)
         setup_s = time.perf_counter() - setup_start
         counts = {"pairs": 0, "tokens": 0}
 
@@ -199,13 +213,13 @@ def run_preference_bench(method: str, model: str, data: str | None, batch_size: 
             counts["pairs"] += batch.num_pairs
             counts["tokens"] += batch.sequences.num_tokens
 
-        elapsed = _time_steps(recipe, steps, count, warmup_steps)
-        n_matmul = matmul_parameters(recipe.model)
-        n_lora = lora_parameters(recipe.model)
+        elapsed = _time_steps(trainer, steps, count, warmup_steps)
+        n_matmul = matmul_parameters(trainer.model)
+        n_lora = lora_parameters(trainer.model)
         per_token = 6 * n_matmul if full else 4 * n_matmul + 6 * n_lora
-        if method == "dpo" and not precompute_ref:
+        if spec.reference and not precompute_ref:
             per_token += 2 * n_matmul
-        peak = measure_matmul_peak(torch.bfloat16 if dtype == "bfloat16" else torch.float32, recipe.device)
+        peak = measure_matmul_peak(torch.bfloat16 if dtype == "bfloat16" else torch.float32, trainer.device)
         return {
             "method": method, "model": model, "dtype": dtype, "mode": "full" if full else f"lora-r{lora_r}",
             "batch_size": batch_size, "max_length": max_length, "steps": steps, "precompute_ref": precompute_ref,
@@ -214,7 +228,7 @@ def run_preference_bench(method: str, model: str, data: str | None, batch_size: 
             "pairs_per_s": round(counts["pairs"] / elapsed, 3), "tokens_per_s": round(counts["tokens"] / elapsed, 2),
             "step_time_s": round(elapsed / steps, 4), "setup_s": round(setup_s, 2),
             "mfu": round(per_token * counts["tokens"] / elapsed / peak, 4) if peak else None,
-            **_memory_and_machine(recipe.device),
+            **_memory_and_machine(trainer.device),
         }
 
 
@@ -222,22 +236,24 @@ def run_online_bench(method: str, model: str, data: str | None, batch_size: int,
                      lora_r: int, dtype: str, full: bool, gradient_checkpointing: bool, load_in: str,
                      generations: int, max_new_tokens: int, model_options: dict | None = None,
                      train_options: dict | None = None, warmup_steps: int = 1) -> dict:
-    """Steps/s of online RL (``method`` grpo, rloo or ppo) on addition prompts, and where the time goes.
+    """Steps/s of an online RL method (grpo, rloo, ppo ...) on addition prompts, and where the time goes.
 
-    A step samples ``generations`` responses (1 for PPO) of at most ``max_new_tokens`` for each of
-    ``batch_size`` prompts, scores them, and updates (``ppo_epochs`` passes for PPO). ``sample_share`` is the
-    fraction of the step spent in the generation engine; ``generated_tokens_per_s`` counts response tokens over
-    the whole step. No MFU: decoding is bound by weight bandwidth, not matmul throughput.
+    A step samples ``generations`` responses (for a method whose section has ``num_generations``; else its own
+    count, 1 for PPO) of at most ``max_new_tokens`` for each of ``batch_size`` prompts, scores them, and updates
+    (``ppo_epochs`` passes for PPO). ``sample_share`` is the fraction of the step spent in the generation engine;
+    ``generated_tokens_per_s`` counts response tokens over the whole step. No MFU: decoding is bound by weight
+    bandwidth, not matmul throughput.
     """
-    section = "ppo" if method == "ppo" else "grpo"
-    options = {"max_new_tokens": max_new_tokens, "reward_functions": ["tuneforge.eval.functions:exact_answer"],
+    spec = get(method)
+    options = {"max_new_tokens": max_new_tokens, "reward_functions": ["tuneforge.rewards.functions:exact_answer"],
                "temperature": 1.0}
-    if section == "grpo":
+    if _has_option(spec, "num_generations"):
         options["num_generations"] = generations
     with tempfile.TemporaryDirectory() as scratch:
-        recipe = _set_up(scratch, synthetic_prompts, method, model, data, batch_size, max_length, steps, lora_r,
-                         dtype, full, gradient_checkpointing, load_in, lr=1e-5, sections={section: options},
-                         model_options=model_options, train_options=train_options, warmup_steps=warmup_steps)
+        trainer = _set_up(scratch, synthetic_prompts, method, model, data, batch_size, max_length, steps, lora_r,
+                          dtype, full, gradient_checkpointing, load_in, lr=1e-5, sections={spec.section: options},
+                          model_options=model_options, train_options=train_options, warmup_steps=warmup_steps)
+        recipe = trainer.recipe
         engine, sampling = recipe.engine, {"s": 0.0}
         sample = engine.sample
 
@@ -257,31 +273,37 @@ def run_online_bench(method: str, model: str, data: str | None, batch_size: int,
                 counts["generated"] += int(rollout.samples.mask.sum())
                 counts["tokens"] += int(rollout.samples.attention_mask.sum())
 
-        batches = recipe._epoch_batches(shuffle=False)
+        batches = trainer.epoch_batches(shuffle=False)
         for index in range(warmup_steps):  # untimed; _time_steps cannot make them: timing is wrapped in between
-            recipe.train_step([batches[index % len(batches)]])
+            trainer.train_step([batches[index % len(batches)]])
         engine.sample = timed_sample
-        elapsed = _time_steps(recipe, steps, count, warm_up=0)
+        elapsed = _time_steps(trainer, steps, count, warm_up=0)
         return {
             "method": method, "model": model, "dtype": dtype, "mode": "full" if full else f"lora-r{lora_r}",
-            "batch_size": batch_size, "generations": recipe.generations, "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size, "generations": trainer.config.method_section.samples_per_prompt,
+            "max_new_tokens": max_new_tokens,
             "steps": steps, "step_time_s": round(elapsed / steps, 4),
             "prompts_per_s": round(counts["prompts"] / elapsed, 3),
             "responses_per_s": round(counts["responses"] / elapsed, 3),
             "generated_tokens_per_s": round(counts["generated"] / elapsed, 2),
             "tokens_per_s": round(counts["tokens"] / elapsed, 2),
             "sample_share": round(sampling["s"] / elapsed, 3),
-            **_memory_and_machine(recipe.device),
+            **_memory_and_machine(trainer.device),
         }
+
+
+def _has_option(spec: MethodSpec, name: str) -> bool:
+    """Whether the method's own section has the option ``name``."""
+    return spec.section_class is not None and name in {f.name for f in dataclasses.fields(spec.section_class)}
 
 
 def _set_up(scratch: str, synthetic, method: str, model: str, data: str | None, batch_size: int, max_length: int,
             steps: int, lora_r: int, dtype: str, full: bool, gradient_checkpointing: bool, load_in: str, lr: float,
             data_options: dict | None = None, sections: dict | None = None, model_options: dict | None = None,
             train_options: dict | None = None, warmup_steps: int = 1):
-    """The recipe of ``method`` set up for ``steps`` + ``warmup_steps`` steps on ``data`` (or the ``synthetic()``
+    """A trainer of ``method`` set up for ``steps`` + ``warmup_steps`` steps on ``data`` (or the ``synthetic()``
     rows written to ``scratch``), rows in file order, writing no run directory."""
-    from tuneforge.recipes import recipe_for
+    from tuneforge.engine.trainer import Trainer  # torch, transformers and the model stack: only when benching
 
     if data is None:
         data = str(Path(scratch) / "bench.jsonl")
@@ -297,26 +319,26 @@ def _set_up(scratch: str, synthetic, method: str, model: str, data: str | None, 
                   "gradient_checkpointing": gradient_checkpointing, **(train_options or {})},
         **(sections or {}),
     })
-    recipe = recipe_for(method)(config, log=lambda message: None, show_progress=False, run_dir=False)
-    recipe.setup()
-    return recipe
+    trainer = Trainer(config, log=lambda message: None, show_progress=False, run_dir=False)
+    trainer.setup()
+    return trainer
 
 
-def _time_steps(recipe, steps: int, count, warm_up: int = 1) -> float:
+def _time_steps(trainer, steps: int, count, warm_up: int = 1) -> float:
     """Seconds for ``steps`` optimiser steps of one micro-batch each, after ``warm_up`` untimed steps (allocator,
     kernels, autograd graph caches, compilation; 0 when the caller made them); ``count(batch)`` is called for each
     timed micro-batch, after its step. The data is cycled so any number of steps can be timed."""
-    batches = recipe._epoch_batches(shuffle=False)
+    batches = trainer.epoch_batches(shuffle=False)
     plan = [[batches[i % len(batches)]] for i in range(steps + warm_up)]
-    device = recipe.device
+    device = trainer.device
     for window in plan[:warm_up]:
-        recipe.train_step(window)
+        trainer.train_step(window)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for window in plan[warm_up:]:
-        loss, _ = recipe.train_step(window)
+        loss, _ = trainer.train_step(window)
         for batch in window:
             count(batch)
     loss.item()  # one sync at the end

@@ -49,12 +49,14 @@ def _preview(args) -> int:
     from tuneforge.data.preview import preview_rows, render_example
     from tuneforge.data.templates import load_template
     from tuneforge.models.loading import load_tokenizer, resolve_model
+    from tuneforge.recipes.registry import get
 
     config = load_config(args.config, args.overrides)
-    if config.method in ("grpo", "rloo", "ppo"):
+    data = get(config.method).data  # what data.train holds decides what is shown
+    if data == "prompts":
         return _preview_prompts(args, config)
-    if config.method != "sft":
-        return _preview_preference(args, config)
+    if data in ("pairs", "unpaired"):
+        return _preview_preference(args, config, unpaired=data == "unpaired")
     report = DataReport()
     conversations = load_conversations(config.data.train, config.data, report)
     tokenizer = load_tokenizer(resolve_model(config.model.name_or_path))
@@ -74,7 +76,7 @@ def _preview(args) -> int:
     return 0
 
 
-def _preview_preference(args, config) -> int:
+def _preview_preference(args, config, unpaired: bool) -> int:
     from tuneforge.data.dataset import DataReport
     from tuneforge.data.preference import load_preference_rows, tokenize_pairs, tokenize_unpaired
     from tuneforge.data.mixture import tokenize_sources
@@ -82,7 +84,6 @@ def _preview_preference(args, config) -> int:
     from tuneforge.data.templates import load_template
     from tuneforge.models.loading import load_tokenizer, resolve_model
 
-    unpaired = config.method == "kto"
     report = DataReport()
     rows = load_preference_rows(config.data.train, config.data, report, unpaired=unpaired)
     tokenizer = load_tokenizer(resolve_model(config.model.name_or_path))
@@ -111,7 +112,7 @@ def _preview_prompts(args, config) -> int:
     tokenizer = load_tokenizer(resolve_model(config.model.name_or_path))
     template = load_template(config.data.template, tokenizer)
     prepared = tokenize_prompt_data(read, config, tokenizer, template)
-    count = 1 if config.method == "ppo" else config.grpo.num_generations
+    count = config.method_section.samples_per_prompt
     print(f"method: {config.method}; template: {template.name}; each prompt as the model sees it before sampling "
           f"{count} response{'s' if count > 1 else ''}")
     for example in prepared.train[: args.n]:
@@ -126,7 +127,7 @@ def _preview_prompts(args, config) -> int:
 
 def _generate(args) -> int:
     from tuneforge.data.formats import Message
-    from tuneforge.inference import Generator
+    from tuneforge.generation import Generator
 
     generator = Generator.load(args.model, template=args.template, dtype=args.dtype)
     messages = ([Message("system", args.system)] if args.system else []) + [Message("user", args.prompt)]
@@ -142,7 +143,7 @@ def _chat(args) -> int:
 
     from tuneforge.data.formats import Message
     from tuneforge.engine.signals import StopRequest
-    from tuneforge.inference import Generator
+    from tuneforge.generation import Generator
 
     generator = Generator.load(args.model, template=args.template, dtype=args.dtype)
     system = [Message("system", args.system)] if args.system else []
@@ -256,7 +257,7 @@ def _score(args) -> int:
     from tuneforge.data.formats import Conversation, to_conversation
     from tuneforge.data.preference import to_preference_row
     from tuneforge.data.readers import BadRow, read_rows
-    from tuneforge.eval.scoring import RewardScorer
+    from tuneforge.rewards.scoring import RewardScorer
 
     if args.out and os.path.exists(args.out):
         raise UserError(f"{args.out} exists; choose a new output file (score never overwrites)")
@@ -357,9 +358,21 @@ def _estimate(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from tuneforge.config import describe_options
+def _list_options_in_help(parser: argparse.ArgumentParser) -> None:
+    """Append the methods and every config option to ``parser``'s help when it is shown (listing them imports
+    every recipe, which no other use of the parser should pay for)."""
+    format_help = parser.format_help
 
+    def with_options() -> str:
+        from tuneforge.config import describe_options
+
+        parser.epilog = "Config options (key (type) = default):\n" + describe_options()
+        return format_help()
+
+    parser.format_help = with_options
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tuneforge", description="Post-training for causal language models (SFT with LoRA or full fine-tuning).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -367,12 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
 
     train = verbs.add_parser(
-        "train", help="train with the method named in the config (sft, reward, dpo, simpo, orpo, kto, grpo, rloo, ppo); "
-                              "works under torchrun",
+        "train", help="train with the method named in the config (train --help lists them); works under torchrun",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train from a YAML config plus key=value overrides with dotted keys "
-                    "(train.lr=1e-4 lora.r=8).",
-        epilog="Config options (key (type) = default):\n" + describe_options())
+                    "(train.lr=1e-4 lora.r=8).")
+    _list_options_in_help(train)
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lora.r=8 train.epochs=1")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -509,10 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = verbs.add_parser("bench", help="time a short fixed training workload; prints one JSON line",
                              description="Throughput (tokens/s, padding excluded), peak memory and model FLOPs "
                                          "utilisation of a short training workload, after one warm-up step.")
-    bench.add_argument("--method", default="sft", choices=["sft", "dpo", "simpo", "orpo", "reward", "grpo", "rloo",
-                                                           "ppo"],
-                       help="sft (tokens/s), a pairwise method (pairs/s on synthetic preference pairs), or online RL "
-                            "(steps/s on addition prompts, with the share of time spent sampling)")
+    bench.add_argument("--method", default="sft",
+                       help="a method on rows (tokens/s), on pairs (pairs/s on synthetic preference pairs), or online "
+                            "RL (steps/s on addition prompts, with the share of time spent sampling); default sft")
     bench.add_argument("--model", default="default", help=MODEL_HELP)
     bench.add_argument("--data", help="a data file of the method's format (default: fixed synthetic rows or pairs)")
     bench.add_argument("--precompute-ref", action="store_true",

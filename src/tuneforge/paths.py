@@ -104,7 +104,7 @@ def _function(value: str, base: Path) -> str:
     parts = []
     for spec in value.split(","):
         source, colon, name = spec.strip().rpartition(":")
-        # The same test as tuneforge.eval.functions.load_callable: a file, not a module.
+        # The same test as tuneforge.rewards.functions.load_callable: a file, not a module.
         is_file = colon and (source.endswith(".py") or "/" in source or "\\" in source)
         parts.append(f"{absolute(source, base)}:{name}" if is_file else spec)
     return ",".join(parts)

@@ -5,9 +5,9 @@ with a user message) and any other fields; the whole row is kept and handed to t
 read ``row["answer"]`` or any other column. ``data.system_prompt`` (or a row's ``system`` field) is added as in
 preference data.
 
-Prompts are tokenised segment by segment with the template (as in training and in ``tuneforge.inference``), with
-the assistant header appended. A prompt whose tokens plus ``max_new_tokens`` (of the ``grpo`` or ``ppo`` section) exceed ``data.max_length`` is
-dropped (``data.on_truncation: drop``, counted in the report) or raises (``raise``).
+Prompts are tokenised segment by segment with the template (as in training and in ``tuneforge.generation``), with
+the assistant header appended. A prompt whose tokens plus ``max_new_tokens`` (of the method's own section) exceed
+``data.max_length`` is dropped (``data.on_truncation: drop``, counted in the report) or raises (``raise``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from tuneforge.data.prepare import PreparedData, ReadData, per_source_template, 
 from tuneforge.data.readers import BadRow, read_rows
 from tuneforge.data.tokenize import encode_prompt
 from tuneforge.errors import DataError, UserError
+from tuneforge.recipes.registry import get
 
 
 @dataclass
@@ -82,8 +83,8 @@ def tokenize_prompts(rows: list[PromptRow], template, tokenizer, config: RunConf
                      report: DataReport) -> list[PromptExample]:
     """Tokenise each prompt with the assistant header appended; drop (or raise on) prompts that leave no room for
     ``max_new_tokens`` within ``data.max_length``."""
-    section = "ppo" if config.method == "ppo" else "grpo"
-    new_tokens = config.rollout.max_new_tokens
+    section = get(config.method).section  # the method's own section: grpo for grpo and rloo
+    new_tokens = config.method_section.max_new_tokens
     room = config.data.max_length - new_tokens
     examples = []
     for row in rows:

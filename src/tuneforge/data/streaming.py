@@ -28,11 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+from tuneforge.config_checks import supporting
 from tuneforge.data.dataset import DataReport, EpochBatches, encode_example, validate_row
 from tuneforge.data.memory import InMemoryRows
 from tuneforge.data.readers import BadRow, Row, jsonl_row
 from tuneforge.data.tokenize import Example
 from tuneforge.errors import ConfigError, UserError
+from tuneforge.recipes.registry import get
 
 # Rows per shuffle block: the most rows a stream holds in memory (the examples of a step come on top).
 SHUFFLE_BLOCK_ROWS = 1024
@@ -45,10 +47,10 @@ UNSUPPORTED_SOURCE_OPTIONS = ("columns", "roles", "format", "template", "weight"
 def check_streaming(config) -> None:
     """Refuse ``data.streaming`` with what it cannot do (a :class:`ConfigError` naming the option)."""
     data = config.data
-    if config.method != "sft":
-        raise ConfigError(f"data.streaming: supported for method sft only (method {config.method} reads its whole "
-                          "data set before training, e.g. to score it with the reference model); set "
-                          "data.streaming=false")
+    if not get(config.method).streaming:
+        raise ConfigError(f"data.streaming: supported for method {supporting('streaming')} only (method "
+                          f"{config.method} reads its whole data set before training, e.g. to score it with the "
+                          "reference model); set data.streaming=false")
     if not config.train.max_steps:
         raise ConfigError("data.streaming: needs train.max_steps (a stream's length is unknown until it has been "
                           "read, so epochs cannot plan the run); set train.max_steps=N")

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from tuneforge.errors import UserError
 
 
@@ -217,3 +219,46 @@ def _parse_lines(path: Path) -> list[dict]:
 
 def read_metrics(path: str | Path) -> list[dict]:
     return _parse_lines(Path(path))
+
+
+class StepStats:
+    """The named statistics of one optimiser step: each a (2,) float64 device tensor ``[sum, weight]`` added to
+    by the loss terms of every micro-batch and update, and by the recipe (rollout statistics). Kept on the device:
+    nothing is read back until a log step asks for :meth:`means`."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.entries: dict[str, torch.Tensor] = {}
+
+    def reset(self) -> None:
+        self.entries = {}
+
+    def add(self, name: str, entry: torch.Tensor) -> None:
+        entry = entry.detach().to(self.device, torch.float64)
+        self.entries[name] = self.entries[name] + entry if name in self.entries else entry
+
+    def add_all(self, stats: dict[str, torch.Tensor]) -> None:
+        for name, entry in stats.items():
+            self.add(name, entry)
+
+    def means(self, distributed: bool) -> dict[str, float]:
+        """sum / weight of each statistic over all ranks (one all-reduce, one host read); a statistic whose weight
+        is 0 everywhere is left out. Every rank must call it (with the same names: the recipe adds the same ones
+        on every rank)."""
+        return totals_to_means(self.totals(distributed))
+
+    def totals(self, distributed: bool) -> dict[str, tuple[float, float]]:
+        """(sum, weight) of each statistic over all ranks."""
+        names = sorted(self.entries)
+        if not names:
+            return {}
+        stacked = torch.stack([self.entries[name] for name in names])
+        if distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(stacked)
+        return {name: (total, weight) for name, (total, weight) in zip(names, stacked.tolist())}
+
+
+def totals_to_means(totals: dict[str, tuple[float, float]]) -> dict[str, float]:
+    return {name: total / weight for name, (total, weight) in totals.items() if weight != 0}

@@ -51,17 +51,30 @@ def move(batch, device: torch.device):
     return type(batch)(**moved)
 
 
+def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   position_ids: torch.Tensor | None, per_sample_causal: bool = False) -> torch.Tensor:
+    """The decoder body's last hidden states, (batch, seq, hidden): the one forward every loss and log-prob
+    starts from (the output head is applied by the caller, only where it is needed).
+
+    ``attention_mask``: (batch, seq) 1 at real tokens, or a boolean (batch, 1, seq, seq) "may attend" mask, which
+    is put in the form the attention kernel reads (:func:`kernel_mask`); ``per_sample_causal``: such a mask is a
+    pack's (causal within each sample, whose position ids restart at 0).
+    """
+    body, _ = decoder_and_head(model)
+    mask = kernel_mask(body, attention_mask, per_sample_causal=per_sample_causal)
+    return body(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                use_cache=False).last_hidden_state
+
+
 def lm_loss_sum(model: torch.nn.Module, batch: Batch, chunk_size: int) -> torch.Tensor:
     """Summed next-token loss of ``batch`` over its trained positions (float32 scalar).
 
     The body runs once; the output head runs only on positions that have a target, in chunks, so prompt and
     padding positions cost no output-projection FLOPs and the (batch, seq, vocab) logits are never built.
     """
-    body, head = decoder_and_head(model)
-    inputs = batch.model_inputs()
+    _, head = decoder_and_head(model)
     # A 4-D mask here is always a pack's: causal within each sample, whose position ids restart at 0.
-    inputs["attention_mask"] = kernel_mask(body, inputs["attention_mask"], per_sample_causal=True)
-    hidden = body(**inputs, use_cache=False).last_hidden_state
+    hidden = decoder_hidden(model, batch.input_ids, batch.attention_mask, batch.position_ids, per_sample_causal=True)
     return masked_lm_loss_sum(hidden, batch.targets, head, chunk_size)
 
 

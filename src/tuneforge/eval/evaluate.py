@@ -12,7 +12,7 @@ The flow, top to bottom:
    as columns.
 
 Every metric is defined in ``docs/evaluation.md``; the numerics live in ``eval.metrics`` (text metrics),
-``eval.heldout`` (loss, implicit reward), ``eval.scoring`` (reward models) and ``eval.functions`` (user metrics).
+``eval.heldout`` (loss, implicit reward), ``rewards.scoring`` (reward models) and ``rewards.functions`` (user metrics).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from tuneforge.data.dataset import DataReport
 from tuneforge.data.memory import recorded
 from tuneforge.data.preference import PreferenceRow, load_preference_rows
 from tuneforge.errors import ConfigError, DataError, UserError
-from tuneforge.eval.functions import RewardFunctions, load_callable
+from tuneforge.rewards.functions import RewardFunctions, load_callable
 from tuneforge.eval.heldout import HeldoutData, HeldoutRow, heldout_loss, implicit_reward_margins, read_heldout
 from tuneforge.eval.environment import environment
 from tuneforge.eval.metrics import compile_pattern
@@ -49,6 +49,7 @@ from tuneforge.engine.step import pick_device
 from tuneforge.models.card import refresh_run_card
 from tuneforge.models.loading import ModelSource, resolve_model
 from tuneforge.paths import EVAL_CONFIG_PATHS, resolve_paths
+from tuneforge.recipes.registry import methods
 
 SCHEMA = "tuneforge.eval/1"
 # Built-in metric names, as they appear in eval.json; --metrics picks among them (plus user metrics, `spec:fn`).
@@ -358,8 +359,8 @@ class ModelResult:
 
 def evaluate_model(entry: ModelEntry, plan: EvalPlan, log: Callable[[str], None]) -> ModelResult:
     """Load one model, take every selected measurement, free it."""
-    from tuneforge.eval.scoring import RewardScorer
-    from tuneforge.inference import Generator
+    from tuneforge.rewards.scoring import RewardScorer
+    from tuneforge.generation import Generator
 
     settings = plan.settings
     if is_reward_model(entry.source):
@@ -409,7 +410,7 @@ def _generate(generator, rows: Sequence[HeldoutRow], settings: EvalSettings) -> 
 
 
 def generation_metrics(rows: Sequence[HeldoutRow], generations: Sequence, metrics: set[str]) -> dict[str, float]:
-    """The selected text and behaviour metrics of ``generations`` (``inference.Generation``, one per row).
+    """The selected text and behaviour metrics of ``generations`` (``generation.Generation``, one per row).
 
     Reference metrics are means over the rows with a reference; ``contains`` checks the row's ``answer`` when it
     has one, else the reference; ``regex_match`` is the mean over the rows with a ``pattern``; ``stopped_rate``
@@ -464,7 +465,7 @@ def reward_model_margins(scorer, pairs: Sequence[PreferenceRow], batch_size: int
 def _implicit_accuracy(entry: ModelEntry, generator, plan: EvalPlan, result: ModelResult, log) -> None:
     """Preference accuracy by DPO's implicit reward against the model's reference: a LoRA run's adapter-disabled
     model, a full run's starting model; a plain model has none (left out, with a note)."""
-    from tuneforge.inference import load_for_inference
+    from tuneforge.generation.generator import load_for_inference
     from tuneforge.models.adapters import is_peft
 
     run = entry.source.run
@@ -478,9 +479,10 @@ def _implicit_accuracy(entry: ModelEntry, generator, plan: EvalPlan, result: Mod
         reference, _ = load_for_inference(resolve_model(run["base_model"]), plan.settings.dtype)
     beta = plan.settings.beta or run_beta(Path(entry.spec))
     method = run.get("method", "sft")
-    source = "--beta" if plan.settings.beta else f"{method}.beta" if method in ("dpo", "kto") else "the default"
+    section = implicit_reward_section(method)
+    source = "--beta" if plan.settings.beta else f"{section}.beta" if section else "the default"
     result.notes.append(f"{entry.label}: implicit reward beta {beta:g} ({source})"
-                        + ("" if method in ("dpo", "kto") else f"; a {method} run was not trained on this reward, "
+                        + ("" if section else f"; a {method} run was not trained on this reward, "
                            "so its preference accuracy is a measurement against its reference, not its objective"))
     log(f"{entry.label}: implicit reward (beta {beta:g}) on {len(plan.pairs)} pairs")
     margins = implicit_reward_margins(generator, plan.pairs, plan.data_config, beta, reference,
@@ -491,13 +493,22 @@ def _implicit_accuracy(entry: ModelEntry, generator, plan: EvalPlan, result: Mod
     _score_pairs(result, margins)
 
 
+def implicit_reward_section(method) -> str | None:
+    """The config key of ``method``'s section when the method trains the implicit reward beta log(pi / pi_ref)
+    (an offline method against a reference: DPO, KTO), else None (also for a method this version does not know)."""
+    spec = methods().get(method) if isinstance(method, str) else None
+    return spec.section if spec is not None and spec.reference and not spec.online else None
+
+
 def run_beta(run_dir: Path) -> float:
-    """The beta a run trained with (``dpo.beta`` or ``kto.beta`` in its config.yaml), else ``DEFAULT_BETA``."""
+    """The beta a run trained its implicit reward with (``dpo.beta`` or ``kto.beta`` in its config.yaml), else
+    ``DEFAULT_BETA``."""
     path = run_dir / "config.yaml"
     values = yaml.safe_load(path.read_text()) if path.is_file() else None
-    if not isinstance(values, dict) or values.get("method") not in ("dpo", "kto"):
+    section = implicit_reward_section(values.get("method")) if isinstance(values, dict) else None
+    if section is None:
         return DEFAULT_BETA
-    return float((values.get(values["method"]) or {}).get("beta", DEFAULT_BETA))
+    return float((values.get(section) or {}).get("beta", DEFAULT_BETA))
 
 
 def _free_memory() -> None:
@@ -518,7 +529,7 @@ def count_wins(scores_a: Sequence[float], scores_b: Sequence[float], answers_a: 
 
 def judge_win_rate(plan: EvalPlan, results: dict[str, ModelResult], log) -> dict:
     """The judge scores the evaluated model's and the first ``--compare`` model's answers to the --data prompts."""
-    from tuneforge.eval.scoring import RewardScorer
+    from tuneforge.rewards.scoring import RewardScorer
 
     settings = plan.settings
     a, b = plan.models[0].label, plan.models[1].label

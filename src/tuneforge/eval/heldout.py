@@ -18,7 +18,7 @@ from tuneforge.data.preference import (PreferenceRow, _add_system, _explicit_pro
 from tuneforge.data.readers import BadRow, read_rows
 from tuneforge.engine.step import evaluate_loss, move
 from tuneforge.errors import DataError, UserError
-from tuneforge.inference import Generator
+from tuneforge.generation import Generator
 from tuneforge.losses import dpo_loss, sequence_logprobs_from_hidden
 from tuneforge.models.adapters import decoder_and_head, is_peft
 from tuneforge.progress import progress

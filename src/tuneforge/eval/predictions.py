@@ -40,7 +40,7 @@ def row_pattern(row) -> str | None:
 
 
 def row_scores(rows: Sequence, generations: Sequence, metrics: set[str]) -> list[dict[str, float]]:
-    """Each row's value of the selected built-in answer metrics (``HeldoutRow`` and ``inference.Generation``, one
+    """Each row's value of the selected built-in answer metrics (``HeldoutRow`` and ``generation.Generation``, one
     of each per row): reference metrics on rows with a reference (``contains`` checks the row's ``answer`` when it
     has one, else the reference), ``regex_match`` on rows with a ``pattern``, ``stopped_rate`` and
     ``mean_response_words`` on every row."""
@@ -75,7 +75,7 @@ def row_scores(rows: Sequence, generations: Sequence, metrics: set[str]) -> list
 
 def answer_scores(rows: Sequence, generations: Sequence, metrics: set[str], user_metrics, template) -> list[dict]:
     """:func:`row_scores` plus each user metric ``fn(prompt, response, row)``, with the prompt as ``template``
-    renders it (``user_metrics``: an ``eval.functions.RewardFunctions`` or None)."""
+    renders it (``user_metrics``: an ``rewards.functions.RewardFunctions`` or None)."""
     scores = row_scores(rows, generations, metrics)
     if user_metrics is not None and rows:
         prompts = [template.prompt_text(row.prompt) for row in rows]

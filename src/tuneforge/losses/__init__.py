@@ -2,14 +2,16 @@
 
 - ``tokens``: masked next-token loss with a chunked output head, token and sequence log-probs from hidden
   states, the last real token of each row;
-- ``preference``: DPO and its variants, SimPO, ORPO, KTO, Bradley-Terry (reward models);
+- ``preference``: DPO and its variants (IPO's per-token means), SimPO, ORPO (its SFT term), KTO (its reference
+  point z0), Bradley-Terry (reward models);
 - ``rl``: PPO, GRPO and RLOO (advantages, clipped objectives, KL estimators).
 """
 
 from tuneforge.losses.preference import (DPO_LOSS_TYPES, KTOLoss, PreferenceLoss, bradley_terry_loss, dpo_loss,
-                                         kto_loss, log_odds, orpo_odds_ratio_loss, response_lengths,
+                                         ipo_token_means, kto_loss, kto_reference_point, log_odds, orpo_loss,
+                                         orpo_odds_ratio_loss, orpo_sft_loss_sum, response_lengths,
                                          sequence_logprobs, simpo_loss)
-from tuneforge.losses.rl import (GROUP_ADVANTAGE_METHODS, GROUP_STD_EPS, GRPO_NORMALISATIONS, KL_ESTIMATORS,
+from tuneforge.losses.rl import (GROUP_BASELINES, GROUP_STD_EPS, GRPO_NORMALISATIONS, KL_ESTIMATORS,
                                  WHITEN_EPS, RLStats, gae_advantages, group_advantages, grpo_loss, masked_mean,
                                  masked_whiten, per_token_kl, ppo_policy_loss, ppo_rewards, ppo_value_loss)
 from tuneforge.losses.tokens import (IGNORE_INDEX, SequenceLogprobs, count_trained, gather_last, last_token_index,
@@ -18,9 +20,10 @@ from tuneforge.losses.tokens import (IGNORE_INDEX, SequenceLogprobs, count_train
                                      token_logprobs)
 
 __all__ = [
-    "DPO_LOSS_TYPES", "KTOLoss", "PreferenceLoss", "bradley_terry_loss", "dpo_loss", "kto_loss", "log_odds",
-    "orpo_odds_ratio_loss", "response_lengths", "sequence_logprobs", "simpo_loss",
-    "GROUP_ADVANTAGE_METHODS", "GROUP_STD_EPS", "GRPO_NORMALISATIONS", "KL_ESTIMATORS", "WHITEN_EPS", "RLStats",
+    "DPO_LOSS_TYPES", "KTOLoss", "PreferenceLoss", "bradley_terry_loss", "dpo_loss", "ipo_token_means", "kto_loss",
+    "kto_reference_point", "log_odds", "orpo_loss", "orpo_odds_ratio_loss", "orpo_sft_loss_sum", "response_lengths",
+    "sequence_logprobs", "simpo_loss",
+    "GROUP_BASELINES", "GROUP_STD_EPS", "GRPO_NORMALISATIONS", "KL_ESTIMATORS", "WHITEN_EPS", "RLStats",
     "gae_advantages", "group_advantages", "grpo_loss", "masked_mean", "masked_whiten", "per_token_kl",
     "ppo_policy_loss", "ppo_rewards", "ppo_value_loss",
     "IGNORE_INDEX", "SequenceLogprobs", "count_trained", "gather_last", "last_token_index",

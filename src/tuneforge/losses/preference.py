@@ -1,8 +1,9 @@
 """Preference losses: DPO and its variants, SimPO, ORPO, KTO and the Bradley-Terry reward-model loss.
 
-Every loss below returns one value per pair (or per example for KTO), in float32; the recipe takes the mean
-over the batch. Inputs are per-sequence log-probs from ``sequence_logprobs``; reference log-probs are constants
-(compute them under ``torch.no_grad``).
+Every loss below returns one value per pair (or per example for KTO), in float32; the recipe sums them with the
+pairs' weights and the trainer divides by the pairs of the step. The method-specific pieces around them live
+here too: IPO's per-token means, ORPO's rewards and SFT term, KTO's reference point. Inputs are per-sequence
+log-probs from ``sequence_logprobs``; reference log-probs are constants (compute them under ``torch.no_grad``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from tuneforge.losses.tokens import IGNORE_INDEX, token_logprobs
@@ -134,6 +136,29 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return PreferenceLoss(losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach())
 
 
+def ipo_token_means(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                    ref_rejected: torch.Tensor, chosen_counts: torch.Tensor, rejected_counts: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The four sequence log-prob sums of DPO as per-token means, the inputs of ``dpo_loss(loss_type="ipo")``.
+
+    IPO's target margin 1/(2 tau) (Azar et al. 2023, eq. 17) is meant per token, so h compares per-token means,
+    as TRL does: log pi(y|x) / |y| for each side, and the reference's sum divided by the same |y| (policy and
+    reference score the same response tokens):
+
+        h = (log pi(y_w)/|y_w| - log ref(y_w)/|y_w|) - (log pi(y_l)/|y_l| - log ref(y_l)/|y_l|)
+
+    Args:
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected: (batch,) summed response log-probs.
+        chosen_counts, rejected_counts: (batch,) response tokens of each side; an empty side counts as 1 (its
+            mean is 0, not NaN).
+    Returns:
+        (policy_chosen, policy_rejected, ref_chosen, ref_rejected) divided by their side's length, (batch,) each.
+    """
+    chosen_length, rejected_length = chosen_counts.clamp(min=1), rejected_counts.clamp(min=1)
+    return (policy_chosen / chosen_length, policy_rejected / rejected_length, ref_chosen / chosen_length,
+            ref_rejected / rejected_length)
+
+
 def simpo_loss(policy_chosen_avg: torch.Tensor, policy_rejected_avg: torch.Tensor, beta: float,
                gamma: float) -> PreferenceLoss:
     """SimPO: -log sigmoid(beta * avg log pi(y_w) - beta * avg log pi(y_l) - gamma).
@@ -199,6 +224,38 @@ def orpo_odds_ratio_loss(chosen_avg_logp: torch.Tensor, rejected_avg_logp: torch
     return -lam * F.logsigmoid(log_odds(chosen_avg_logp) - log_odds(rejected_avg_logp))
 
 
+def orpo_loss(chosen_avg_logp: torch.Tensor, rejected_avg_logp: torch.Tensor, lam: float) -> PreferenceLoss:
+    """ORPO's per-pair odds-ratio term (:func:`orpo_odds_ratio_loss`) and its implicit rewards.
+
+    The reward logged for each side is lam * (1/|y|) log P(y), lambda times the per-token mean log-prob, as TRL
+    logs it (ORPO has no reference, so there is no log-ratio to take); the margin is then lam times the
+    difference of the mean log-probs.
+
+    Args:
+        chosen_avg_logp, rejected_avg_logp: (batch,) per-token mean log-probs.
+        lam: weight of the odds-ratio term (lambda).
+    Returns:
+        ``PreferenceLoss``: lam * L_OR per pair and the rewards lam * mean log-prob, detached.
+    """
+    losses = orpo_odds_ratio_loss(chosen_avg_logp, rejected_avg_logp, lam)
+    return PreferenceLoss(losses, lam * chosen_avg_logp.detach(), lam * rejected_avg_logp.detach())
+
+
+def orpo_sft_loss_sum(chosen_logps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """ORPO's SFT term L_SFT = -log P(y_w | x) (Hong et al. 2024, eq. 2), summed over the chosen responses.
+
+    The sum of each chosen response's token log-probs, so the sum over pairs is the summed next-token NLL of
+    every chosen token; divided by the chosen tokens of the step it is the mean token NLL of SFT.
+
+    Args:
+        chosen_logps: (batch,) summed token log-probs log pi(y_w | x) of the chosen responses.
+        weights: (batch,) pair weights (0 for placeholder pairs).
+    Returns:
+        () float32 -sum_i w_i log pi(y_w,i | x_i).
+    """
+    return -(chosen_logps * weights).sum()
+
+
 @dataclass(frozen=True)
 class KTOLoss:
     """Per-example KTO losses and implicit rewards.
@@ -244,6 +301,37 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.
     desirable = desirable_weight * (1 - torch.sigmoid(beta * (logratio - z0)))
     undesirable = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratio)))
     return KTOLoss(torch.where(labels, desirable, undesirable), beta * logratio.detach())
+
+
+@torch.no_grad()
+def kto_reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, weights: torch.Tensor,
+                        all_ranks: bool = False) -> torch.Tensor:
+    """KTO's reference point z0, before clamping: the weighted batch mean of the log-ratio on mismatched pairs.
+
+    Ethayarajh et al. 2024, eq. 8: z0 = KL(pi(y'|x) || ref(y'|x)), estimated from pairs (x, y') whose completion
+    y' belongs to another prompt,
+
+        z0 = sum_i w_i (log pi(y'_i | x_i) - log ref(y'_i | x_i)) / max(sum_i w_i, 1)
+
+    The paper averages the estimate over the whole batch, across processes: with ``all_ranks`` the two sums are
+    all-reduced over the default process group first, so every rank gets the same z0. It is a constant of the
+    loss (no gradient; :func:`kto_loss` clamps it at 0).
+
+    Args:
+        policy_kl_logps, ref_kl_logps: (batch,) summed log-probs of the mismatched completions under the policy
+            and the reference.
+        weights: (batch,) example weights (0 for placeholders).
+        all_ranks: sum over every rank of the process group (a collective: every rank must call it).
+    Returns:
+        () float32 z0.
+    """
+    kl_sum = ((policy_kl_logps - ref_kl_logps) * weights).sum()
+    real = weights.sum()
+    if all_ranks:
+        totals = torch.stack([kl_sum, real])
+        dist.all_reduce(totals)
+        kl_sum, real = totals[0], totals[1]
+    return kl_sum / real.clamp(min=1)
 
 
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,

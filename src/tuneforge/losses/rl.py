@@ -19,7 +19,7 @@ from tuneforge.losses.preference import _require_positive
 from tuneforge.losses.tokens import last_token_index
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
-GROUP_ADVANTAGE_METHODS = ("grpo", "rloo")
+GROUP_BASELINES = ("group_mean", "leave_one_out")  # GRPO's (Shao et al. 2024) and RLOO's (Ahmadian et al. 2024)
 GRPO_NORMALISATIONS = ("token", "sequence")
 WHITEN_EPS = 1e-8  # TRL's; keeps the whitening of a near-constant batch finite
 GROUP_STD_EPS = 1e-4  # TRL's GRPO default; keeps (r - mean) / std finite for a near-constant group
@@ -255,15 +255,16 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     return _token_mean(per_token, real, denominator), stats
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, method: str = "grpo", scale_by_std: bool | None = None,
+def group_advantages(rewards: torch.Tensor, group_size: int, baseline: str = "group_mean",
+                     scale_by_std: bool | None = None,
                      eps: float = GROUP_STD_EPS) -> torch.Tensor:
     """Sequence-level advantages from the rewards of G responses sampled for the same prompt.
 
-    - ``"grpo"``: (r_i - mean(r)) / (std(r) + eps), the outcome-supervision advantage of GRPO (Shao et al.
+    - ``"group_mean"``: (r_i - mean(r)) / (std(r) + eps), the outcome-supervision advantage of GRPO (Shao et al.
       2024, "DeepSeekMath", Sec. 4.1.2, used in eq. 3); std is the unbiased sample std, as in TRL.
       ``scale_by_std=False`` keeps r_i - mean(r), as Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like
       Training") does, so groups that are nearly all right or all wrong are not scaled up.
-    - ``"rloo"``: r_i - (1 / (G - 1)) sum_{j != i} r_j, the leave-one-out baseline of RLOO (Ahmadian et al.
+    - ``"leave_one_out"``: r_i - (1 / (G - 1)) sum_{j != i} r_j, the leave-one-out baseline of RLOO (Ahmadian et al.
       2024, "Back to Basics", eq. 9; Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!");
       it equals G / (G - 1) (r_i - mean(r)).
 
@@ -272,18 +273,18 @@ def group_advantages(rewards: torch.Tensor, group_size: int, method: str = "grpo
     Args:
         rewards: (num_prompts * G,) one scalar reward per response, the G responses of a prompt consecutive.
         group_size: G >= 2.
-        method: one of ``GROUP_ADVANTAGE_METHODS``.
-        scale_by_std: divide by the group's std; default True for ``"grpo"``; RLOO does not scale.
+        baseline: one of ``GROUP_BASELINES``.
+        scale_by_std: divide by the group's std; default True for ``"group_mean"``; the leave-one-out baseline
+            does not scale.
         eps: added to the std; only with ``scale_by_std``.
     Returns:
         (num_prompts * G,) float32, detached.
     """
-    if method not in GROUP_ADVANTAGE_METHODS:
-        raise ValueError(f"unknown group advantage method {method!r}; choose one of "
-                         f"{', '.join(GROUP_ADVANTAGE_METHODS)}")
-    if method == "rloo" and scale_by_std:
+    if baseline not in GROUP_BASELINES:
+        raise ValueError(f"unknown group baseline {baseline!r}; choose one of {', '.join(GROUP_BASELINES)}")
+    if baseline == "leave_one_out" and scale_by_std:
         raise ValueError("RLOO's leave-one-out baseline is not scaled by the std; leave scale_by_std unset, or use "
-                         "method 'grpo'")
+                         "the 'group_mean' baseline")
     if group_size < 2:
         raise ValueError(f"group_size must be at least 2 (a baseline needs other responses), got {group_size}")
     if rewards.ndim != 1 or rewards.numel() % group_size:
@@ -294,7 +295,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, method: str = "grpo
     # zeros, where r - mean(r) could be off by a rounding error and, divided by eps, a large spurious advantage.
     shifted = grouped - grouped[:, :1]
     centred = shifted - shifted.mean(dim=1, keepdim=True)
-    if method == "rloo":
+    if baseline == "leave_one_out":
         return (centred * (group_size / (group_size - 1))).flatten()
     if scale_by_std is None or scale_by_std:
         centred = centred / (shifted.std(dim=1, keepdim=True) + eps)

@@ -22,6 +22,7 @@ import yaml
 
 from tuneforge.models.loading import DEFAULT_GGUF_FILE, RUN_MARKER
 from tuneforge.paths import DEFAULT_MODEL
+from tuneforge.recipes.registry import methods
 
 CARD_FILE = "README.md"
 CARD_MARK = ("<!-- Written by tuneforge, which rewrites this card when the run changes (tuneforge eval); "
@@ -166,7 +167,8 @@ def run_card(run_dir: str | Path, merged: bool = False, load_from: str | None = 
     data_section = config.get("data") or {}
     datasets = [d for k in ("train", "validation") for d in map(hub_dataset_id, _source_paths(data_section.get(k)))
                 if d]
-    reward = method == "reward"
+    spec = methods().get(method)  # None for a method this version does not know
+    reward = spec is not None and spec.model_head == "reward"  # a scalar-head model: it scores, not generates
     card_data = ModelCardData(
         base_model=hub_id, library_name="peft" if peft else "transformers", license=license_,
         pipeline_tag="text-classification" if reward else "text-generation", tags=tags,
@@ -176,7 +178,7 @@ def run_card(run_dir: str | Path, merged: bool = False, load_from: str | None = 
     body = [f"# {title}", "", CARD_MARK, "",
             _intro(method, kind, merged, quantized, hub_id, runs, config), "",
             *_data_section(_read_json_list(run_dir / "data_report.json"), marker.get("template") or {}),
-            *_hyperparameter_section(config, method, kind),
+            *_hyperparameter_section(config, method, spec.section if spec else None, kind),
             *_results_section(summary),
             *eval_section(_read_json(run_dir / "eval.json")),
             *_versions_section((summary.get("environment") or {}) if isinstance(summary, dict) else {}),
@@ -227,9 +229,8 @@ def source_name(source) -> str:
     return (Path(text).name or text) if local else text
 
 
-def _hyperparameter_section(config: dict, method: str, kind: str) -> list[str]:
-    from tuneforge.config import ONLINE_METHODS
-
+def _hyperparameter_section(config: dict, method: str, own: str | None, kind: str) -> list[str]:
+    """The hyperparameters worth a line, then the method's own section (``own``, its config key) whole."""
     rows = [("method", method)]
     if kind == "lora":
         lora = config.get("lora") or {}
@@ -238,9 +239,7 @@ def _hyperparameter_section(config: dict, method: str, kind: str) -> list[str]:
         values = config.get(section) or {}
         rows += [(f"{section}.{key}", values[key]) for key in keys if values.get(key) is not None
                  and (key != "quant_type" or values.get("load_in", "none") != "none")]
-    # A method reads its own section (online RL methods share theirs: RunConfig.rollout).
-    own = "ppo" if method == "ppo" else "grpo" if method in ONLINE_METHODS else method
-    for key, value in (config.get(own) or {}).items():
+    for key, value in ((config.get(own) if own else None) or {}).items():
         if isinstance(value, list):  # reward functions and models: files are named by their last part
             value = [source_name(item) if isinstance(item, str) else item for item in value]
         rows.append((f"{own}.{key}", value))

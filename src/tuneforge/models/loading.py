@@ -209,8 +209,12 @@ class ModelSource:
 
     @property
     def is_reward_model(self) -> bool:
-        """A reward-model run: a scalar-head model, loaded with ``head="reward"``."""
-        return bool(self.run) and self.run.get("method") == "reward"
+        """A run of a method that trains a scalar-head model (the registry's ``model_head``), loaded with
+        ``head="reward"``."""
+        from tuneforge.recipes import registry
+
+        spec = registry.methods().get(self.run.get("method")) if self.run else None
+        return spec is not None and spec.model_head == "reward"
 
 
 def resolve_model(spec: str) -> ModelSource:

@@ -1,53 +1,113 @@
-"""Reward-model training (stage 2 of classic RLHF): a scalar head on the decoder, trained on preference pairs with
-the Bradley-Terry loss -log sigmoid(r(chosen) - r(rejected) - margin), plus optional reward centering.
-
-Data and loop are the preference recipe's; the model is a ``*ForSequenceClassification`` with one output (saved
-in the format transformers and TRL load), scored at the last real token of each sequence
-(``tuneforge.models.reward``). With LoRA, PEFT trains the adapters and the new head in full.
-"""
+"""Reward-model training (stage 2 of classic RLHF): a scalar head trained on pairs with the Bradley-Terry loss."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from tuneforge.engine.step import autocast
-from tuneforge.losses import bradley_terry_loss
-from tuneforge.models.reward import reward_scores
-from tuneforge.recipes.preference import PreferenceRecipe
+from tuneforge.data.preference import PairBatch
+from tuneforge.engine.recipe import LossTerms, Update
+from tuneforge.engine.step import autocast, decoder_hidden
+from tuneforge.losses import bradley_terry_loss, gather_last
+from tuneforge.models.adapters import decoder_and_score
+from tuneforge.recipes._pairs import PairData, weighted_stats, window_tokens
+from tuneforge.recipes.registry import MethodSpec, register
 
-REWARD_STATS = ("rewards_chosen", "rewards_rejected", "reward_margin", "accuracy")
+
+@dataclass
+class RewardConfig:
+    """``method: reward``: a scalar-head reward model trained on pairs with the Bradley-Terry loss.
+
+    Attributes:
+        center_coefficient: weight of the reward-centering term eta (r_c + r_r)^2 that keeps rewards near 0
+            (0 disables; 0.01 is a common choice). A per-pair margin is read from a row's ``margin`` field.
+    """
+
+    # key: (smallest allowed, largest allowed); None leaves that side open (checked with the shared ones)
+    RANGES: ClassVar[dict] = {'center_coefficient': (0.0, None)}
+
+    center_coefficient: float = 0.0
 
 
-class RewardRecipe(PreferenceRecipe):
-    """``method: reward``."""
+register(MethodSpec(
+    name="reward", recipe="tuneforge.recipes.reward:RewardRecipe", section="reward", section_class=RewardConfig,
+    data="pairs", summary="a Bradley-Terry reward model (a scalar head) from chosen/rejected pairs",
+    model_head="reward", generates=False))
 
-    @property
-    def uses_reference(self) -> bool:
-        return False
 
-    model_head = "reward"
-    lora_task_type = "SEQ_CLS"
+class RewardRecipe:
+    """``method: reward``: a scalar head on the decoder (a ``*ForSequenceClassification`` with one output, the
+    registration's ``model_head="reward"``; with LoRA, PEFT trains the adapters and the new head in full), trained
+    on pairs with the Bradley-Terry loss -log sigmoid(r(chosen) - r(rejected) - margin), plus optional reward
+    centering.
 
-    def _build_model(self, source) -> torch.nn.Module:
-        model = super()._build_model(source)
+    Both sides of each pair are separate rows (2B), each scored at its last real token. The loss is the sum over
+    pairs; the trainer divides it by the pairs of the step on all ranks. Logged: the mean reward of each side,
+    their margin and the fraction ranked right (``accuracy``).
+    """
+
+    def __init__(self, run):
+        self.run = run
+        self.section: RewardConfig = run.config.reward
+        self.pairs = PairData(run)
+
+    # ------------------------------------------------------------------------------------------------- data
+    def read_data(self):
+        return self.pairs.read()
+
+    def tokenize(self, read):
+        return self.pairs.tokenize(read)
+
+    def sequence_shape(self) -> tuple[int, int]:
+        return self.pairs.sequence_shape()
+
+    def epoch_batches(self, generator: torch.Generator | None) -> Sequence[PairBatch]:
+        return self.pairs.epoch_batches(generator)
+
+    def window_tokens(self, window: Sequence[PairBatch]) -> int:
+        return window_tokens(window)
+
+    # ------------------------------------------------------------------------------------------------ model
+    def prepare_model(self, model: torch.nn.Module) -> None:
         # transformers' own pooling (for anyone loading the saved model) needs to know the pad id.
-        model.config.pad_token_id = self.tokenizer.pad_token_id
-        return model
+        model.config.pad_token_id = self.run.tokenizer.pad_token_id
 
-    def _loss_sum(self, model: torch.nn.Module, batch) -> dict:
-        pairs = batch.num_pairs
+    def scores(self, model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
+        """(2B,) float32 rewards of the chosen sides, then the rejected ones: the head reads each row's last real
+        position (``tuneforge.models.reward``: never transformers' pad-id pooling)."""
         sequences = batch.sequences
-        with autocast(self.device, self.bf16):
-            scores = reward_scores(model, sequences.input_ids, sequences.attention_mask, sequences.position_ids)
+        _, score = decoder_and_score(model)
+        with autocast(self.run.device, self.run.bf16):
+            hidden = decoder_hidden(model, sequences.input_ids, sequences.attention_mask, sequences.position_ids)
+            # Only the last real position of each row reaches the head: (rows, hidden) -> (rows, 1).
+            return score(gather_last(hidden, sequences.attention_mask)).squeeze(-1).float()
+
+    # ------------------------------------------------------------------------------------------------- loss
+    def normaliser(self, batch: PairBatch) -> float:
+        return float(batch.global_pairs)
+
+    def loss_terms(self, model: torch.nn.Module, batch: PairBatch) -> LossTerms:
+        pairs, weights = batch.num_pairs, batch.weights
+        scores = self.scores(model, batch)
         chosen, rejected = scores[:pairs], scores[pairs:2 * pairs]
-        losses = bradley_terry_loss(chosen, rejected, batch.margins,
-                                    self.config.reward.center_coefficient)
-        margin = (chosen - rejected).detach()
-        stats = torch.stack([chosen.detach(), rejected.detach(), margin, (margin > 0).float()])
-        weights = batch.weights
-        return {"pair_loss": (losses * weights).sum(), "stats": (stats * weights).sum(dim=1)}
+        losses = bradley_terry_loss(chosen, rejected, batch.margins, self.section.center_coefficient)
+        margin = chosen - rejected
+        stats = weighted_stats({"rewards_chosen": chosen, "rewards_rejected": rejected, "reward_margin": margin,
+                                "accuracy": (margin > 0).float()}, weights)
+        return LossTerms((losses * weights).sum(), stats)
 
-    def _named_stats(self, stats: torch.Tensor, count: int, prefix: str = "") -> dict:
-        values = (stats / max(count, 1)).tolist()
-        return {prefix + name: value for name, value in zip(REWARD_STATS, values)}
+    def train_step(self, window: Sequence[PairBatch], update: Update) -> tuple[torch.Tensor, torch.Tensor]:
+        return update(window)
 
+    # ------------------------------------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict[str, float] | None:
+        return self.pairs.validation_loss()
+
+    def step_metrics(self, means: dict[str, float]) -> dict[str, float]:
+        return dict(means)
+
+    def save_model(self, save: Callable[[], None]) -> None:
+        save()

@@ -15,7 +15,7 @@ from tuneforge.data.formats import Conversation
 from tuneforge.data.templates import Template
 from tuneforge.data.tokenize import Example, encode_conversation
 from tuneforge.errors import UserError
-from tuneforge.inference import load_for_inference, tokenizer_and_template
+from tuneforge.generation.generator import load_for_inference, tokenizer_and_template
 from tuneforge.models.loading import resolve_model
 from tuneforge.models.reward import reward_scores
 from tuneforge.progress import progress as show_progress
