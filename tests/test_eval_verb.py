@@ -95,8 +95,10 @@ def test_generate_responses_reports_whether_each_stopped(tokenizer):
     continuation = [hi + [EOS] * len(there), hi + there]
 
     class Stub(torch.nn.Module):
-        def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, **sampling):
-            assert eos_token_id == [EOS]
+        generation_config = None  # a checkpoint's own settings, which generation puts aside
+
+        def generate(self, input_ids, attention_mask, generation_config, **hooks):
+            assert generation_config.eos_token_id == [EOS]
             return torch.cat([input_ids, torch.tensor(continuation)], dim=1)
 
     generator = Generator(Stub(), tokenizer, load_template("auto", tokenizer), torch.device("cpu"))
