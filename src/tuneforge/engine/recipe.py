@@ -53,10 +53,11 @@ class Update(Protocol):
     def __call__(self, batches: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-class Recipe(Protocol):
-    """What the trainer asks of a method; each recipe file implements all of it (see docs/adding_a_method.md)."""
+class Inputs(Protocol):
+    """What a method trains on: its rows, read and validated, tokenised and batched. Methods of one data kind
+    share one (``recipes/_pairs.PairData`` for pairs, ``recipes/_online.OnlineRL`` for prompts)."""
 
-    def read_data(self) -> Any:
+    def read(self) -> Any:
         """Read and validate every row (no tokenizer yet), so bad data fails before the model loads."""
 
     def tokenize(self, read: Any) -> Any:
@@ -67,6 +68,17 @@ class Recipe(Protocol):
 
     def epoch_batches(self, generator: torch.Generator | None) -> Sequence[Any]:
         """This rank's micro-batches of one epoch; ``generator`` draws the epoch's order (None: file order)."""
+
+    def window_tokens(self, window: Sequence[Any]) -> int:
+        """Tokens of the step over all ranks (padding excluded), for throughput."""
+
+
+class Recipe(Protocol):
+    """What the trainer asks of a method; each recipe file implements all of it (see docs/adding_a_method.md).
+
+    ``inputs`` is what it trains on (:class:`Inputs`); the methods below are what it does with them."""
+
+    inputs: Inputs
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         """Called once the model is built, before it is wrapped for DDP / FSDP and before any checkpoint is loaded
@@ -82,9 +94,6 @@ class Recipe(Protocol):
     def train_step(self, window: Sequence[Any], update: Update) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimiser step over ``window`` (``train.grad_accum`` micro-batches): usually ``update(window)``;
         online methods sample first and update several times. Returns (loss, grad norm) as tensors."""
-
-    def window_tokens(self, window: Sequence[Any]) -> int:
-        """Tokens of the step over all ranks (padding excluded), for throughput."""
 
     def evaluate(self) -> dict[str, float] | None:
         """Validation metrics (``val_*``) of the current model, the same on every rank; None without

@@ -130,17 +130,17 @@ class Trainer:
             check_run_dir(output, self.overwrite, self.log)  # fail in a second, before data and model are loaded
         seed_everything(config.train.seed)
         # Data first: every row is validated before the model is even looked up.
-        read = self.recipe.read_data()
+        read = self.recipe.inputs.read()
         self.generation = GenerationEvaluation.read(config.eval, config.data.system_prompt, self.log)
         source = resolve_model(config.model.name_or_path)
         self.tokenizer = load_tokenizer(source)
         self.template = load_template(config.data.template, self.tokenizer)
-        self.data = self.recipe.tokenize(read)
+        self.data = self.recipe.inputs.tokenize(read)
         for report in self.data.reports:
             for line in report.lines():
                 self.log(line)
 
-        log_memory_estimate(config, source, self.recipe.sequence_shape(), self.dist, self.log)
+        log_memory_estimate(config, source, self.recipe.inputs.sequence_shape(), self.dist, self.log)
         self.bf16 = bf16_autocast_enabled(config.train.mixed_precision, self.device)
         self.model = build_model(config, self.spec, source, self.dist, self.log)
         self.recipe.prepare_model(self.model)
@@ -197,8 +197,8 @@ class Trainer:
         """This rank's micro-batches of an epoch, in the order ``generator`` (default: the run's data generator)
         draws when ``shuffle`` and ``data.shuffle`` are on, else in file order."""
         if not (shuffle and self.config.data.shuffle):
-            return self.recipe.epoch_batches(None)
-        return self.recipe.epoch_batches(generator or self.data_generator)
+            return self.recipe.inputs.epoch_batches(None)
+        return self.recipe.inputs.epoch_batches(generator or self.data_generator)
 
     def _planned_steps(self) -> int:
         """Optimiser steps of ``train.epochs`` epochs.
@@ -424,7 +424,7 @@ class Trainer:
             loss, grad_norm = self.train_step(window)
             state.step += 1
             state.epoch_position += 1
-            step_tokens = self.recipe.window_tokens(window)
+            step_tokens = self.recipe.inputs.window_tokens(window)
             state.tokens += step_tokens
             interval_tokens += step_tokens
             self._losses_since_eval.append(loss.detach())

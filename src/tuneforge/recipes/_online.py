@@ -256,7 +256,7 @@ class OnlineRL:
         self._step_tokens = 0
 
     # ----------------------------------------------------------------------------------------------- data
-    def read_data(self):
+    def read(self):
         read = read_prompt_data(self.run.config)
         self.rewards.check_model()  # a wrong reward model fails before any model loads
         return read
@@ -278,8 +278,9 @@ class OnlineRL:
             groups = groups[:-1]
         return [PromptBatch(group[rank * size:(rank + 1) * size]) for group in groups]
 
-    def window_tokens(self) -> int:
-        """Prompt and response tokens of the last step's rollouts on all ranks (throughput only)."""
+    def window_tokens(self, window: Sequence[PromptBatch]) -> int:
+        """Prompt and response tokens of the step's rollouts on all ranks (throughput only; counted when they
+        were sampled)."""
         return self._step_tokens
 
     # ---------------------------------------------------------------------------------------------- model

@@ -103,6 +103,11 @@ class PairData:
             examples, generator = [example for group in groups for example in group], None
         return self.batches(examples, generator)
 
+    @staticmethod
+    def window_tokens(window: Sequence) -> int:
+        """Tokens of a step's micro-batches over all ranks, padding excluded (pair and unpaired batches alike)."""
+        return sum(batch.sequences.global_tokens for batch in window)
+
     def validation_batches(self) -> Sequence:
         """This rank's share of the validation examples, in file order."""
         return self.batches(self.run.data.validation)
@@ -113,11 +118,6 @@ class PairData:
         if not self.run.data.validation:
             return None
         return self.run.validation_loss(self.validation_batches())
-
-
-def window_tokens(window: Sequence) -> int:
-    """Tokens of a step's micro-batches over all ranks, padding excluded (pair and unpaired batches alike)."""
-    return sum(batch.sequences.global_tokens for batch in window)
 
 
 def response_logprobs(run, model: torch.nn.Module, sequences: Batch,

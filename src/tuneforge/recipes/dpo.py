@@ -13,7 +13,7 @@ from tuneforge.engine.recipe import LossTerms, Update
 from tuneforge.engine.reference import Reference
 from tuneforge.errors import ConfigError
 from tuneforge.losses import SequenceLogprobs, dpo_loss, ipo_token_means
-from tuneforge.recipes._pairs import PairData, pair_logprobs, pair_stats, prepare_reference, window_tokens
+from tuneforge.recipes._pairs import PairData, pair_logprobs, pair_stats, prepare_reference
 from tuneforge.recipes.registry import MethodSpec, register
 
 
@@ -65,23 +65,8 @@ class DPORecipe:
         self.run = run
         self.section: DPOConfig = run.config.dpo
         self.pairs = PairData(run)
+        self.inputs = self.pairs  # what it trains on: read, tokenised and batched
         self.reference: Reference | None = None  # set by prepare_model
-
-    # ------------------------------------------------------------------------------------------------- data
-    def read_data(self):
-        return self.pairs.read()
-
-    def tokenize(self, read):
-        return self.pairs.tokenize(read)
-
-    def sequence_shape(self) -> tuple[int, int]:
-        return self.pairs.sequence_shape()
-
-    def epoch_batches(self, generator: torch.Generator | None) -> Sequence[PairBatch]:
-        return self.pairs.epoch_batches(generator)
-
-    def window_tokens(self, window: Sequence[PairBatch]) -> int:
-        return window_tokens(window)
 
     # ------------------------------------------------------------------------------------------------ model
     def prepare_model(self, model: torch.nn.Module) -> None:

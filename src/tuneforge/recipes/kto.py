@@ -14,7 +14,7 @@ from tuneforge.data.preference import UnpairedBatch
 from tuneforge.engine.recipe import LossTerms, Update
 from tuneforge.engine.reference import Reference
 from tuneforge.losses import SequenceLogprobs, kto_loss, kto_reference_point
-from tuneforge.recipes._pairs import PairData, prepare_reference, response_logprobs, weighted_stats, window_tokens
+from tuneforge.recipes._pairs import PairData, prepare_reference, response_logprobs, weighted_stats
 from tuneforge.recipes.registry import MethodSpec, register
 
 
@@ -67,23 +67,8 @@ class KTORecipe:
         self.run = run
         self.section: KTOConfig = run.config.kto
         self.examples = PairData(run, unpaired=True)
+        self.inputs = self.examples  # what it trains on: read, tokenised and batched
         self.reference: Reference | None = None  # set by prepare_model
-
-    # ------------------------------------------------------------------------------------------------- data
-    def read_data(self):
-        return self.examples.read()
-
-    def tokenize(self, read):
-        return self.examples.tokenize(read)
-
-    def sequence_shape(self) -> tuple[int, int]:
-        return self.examples.sequence_shape()
-
-    def epoch_batches(self, generator: torch.Generator | None) -> Sequence[UnpairedBatch]:
-        return self.examples.epoch_batches(generator)
-
-    def window_tokens(self, window: Sequence[UnpairedBatch]) -> int:
-        return window_tokens(window)
 
     # ------------------------------------------------------------------------------------------------ model
     def prepare_model(self, model: torch.nn.Module) -> None:

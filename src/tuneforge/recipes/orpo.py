@@ -11,7 +11,7 @@ import torch
 from tuneforge.data.preference import PairBatch
 from tuneforge.engine.recipe import LossTerms, Update
 from tuneforge.losses import orpo_loss, orpo_sft_loss_sum
-from tuneforge.recipes._pairs import PairData, pair_logprobs, pair_stats, window_tokens
+from tuneforge.recipes._pairs import PairData, pair_logprobs, pair_stats
 from tuneforge.recipes.registry import MethodSpec, register
 
 
@@ -49,22 +49,7 @@ class ORPORecipe:
         self.run = run
         self.section: ORPOConfig = run.config.orpo
         self.pairs = PairData(run)
-
-    # ------------------------------------------------------------------------------------------------- data
-    def read_data(self):
-        return self.pairs.read()
-
-    def tokenize(self, read):
-        return self.pairs.tokenize(read)
-
-    def sequence_shape(self) -> tuple[int, int]:
-        return self.pairs.sequence_shape()
-
-    def epoch_batches(self, generator: torch.Generator | None) -> Sequence[PairBatch]:
-        return self.pairs.epoch_batches(generator)
-
-    def window_tokens(self, window: Sequence[PairBatch]) -> int:
-        return window_tokens(window)
+        self.inputs = self.pairs  # what it trains on: read, tokenised and batched
 
     # ------------------------------------------------------------------------------------------------ model
     def prepare_model(self, model: torch.nn.Module) -> None:

@@ -132,24 +132,11 @@ class PPORecipe:
     def __init__(self, run):
         self.run = run
         self.online = OnlineRL(run)
+        self.inputs = self.online  # what it trains on: read, tokenised and batched
         self.section = self.online.section
         self.step_kl_coef: float | None = None  # the coefficient the last step's rewards were made with (logged)
 
     # ------------------------------------------------------------------------ what online methods share
-    def read_data(self):
-        return self.online.read_data()
-
-    def tokenize(self, read):
-        return self.online.tokenize(read)
-
-    def sequence_shape(self) -> tuple[int, int]:
-        return self.online.sequence_shape()
-
-    def epoch_batches(self, generator: torch.Generator | None) -> list[PromptBatch]:
-        return self.online.epoch_batches(generator)
-
-    def window_tokens(self, window: Sequence[PromptBatch]) -> int:
-        return self.online.window_tokens()
 
     def evaluate(self) -> dict | None:
         return self.online.evaluate()

@@ -13,7 +13,7 @@ from tuneforge.engine.recipe import LossTerms, Update
 from tuneforge.engine.step import autocast, decoder_hidden
 from tuneforge.losses import bradley_terry_loss, gather_last
 from tuneforge.models.adapters import decoder_and_score
-from tuneforge.recipes._pairs import PairData, weighted_stats, window_tokens
+from tuneforge.recipes._pairs import PairData, weighted_stats
 from tuneforge.recipes.registry import MethodSpec, register
 
 
@@ -53,22 +53,7 @@ class RewardRecipe:
         self.run = run
         self.section: RewardConfig = run.config.reward
         self.pairs = PairData(run)
-
-    # ------------------------------------------------------------------------------------------------- data
-    def read_data(self):
-        return self.pairs.read()
-
-    def tokenize(self, read):
-        return self.pairs.tokenize(read)
-
-    def sequence_shape(self) -> tuple[int, int]:
-        return self.pairs.sequence_shape()
-
-    def epoch_batches(self, generator: torch.Generator | None) -> Sequence[PairBatch]:
-        return self.pairs.epoch_batches(generator)
-
-    def window_tokens(self, window: Sequence[PairBatch]) -> int:
-        return window_tokens(window)
+        self.inputs = self.pairs  # what it trains on: read, tokenised and batched
 
     # ------------------------------------------------------------------------------------------------ model
     def prepare_model(self, model: torch.nn.Module) -> None:

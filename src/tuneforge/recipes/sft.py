@@ -32,9 +32,10 @@ class SFTRecipe:
 
     def __init__(self, run):
         self.run = run
+        self.inputs = self  # conversations, tokenised with labels, batched (padded or packed)
 
     # ----------------------------------------------------------------------------------------------- data
-    def read_data(self):
+    def read(self):
         return read_data(self.run.config)
 
     def tokenize(self, read):
@@ -57,6 +58,9 @@ class SFTRecipe:
                             rank=run.dist.rank, world_size=run.dist.world_size,
                             group_by_length=config.data.group_by_length)
 
+    def window_tokens(self, window: Sequence[Batch]) -> int:
+        return sum(batch.global_tokens for batch in window)
+
     # ----------------------------------------------------------------------------------------------- model
     def prepare_model(self, model: torch.nn.Module) -> None:
         """Nothing to add: SFT trains the model (or its adapter) as it is."""
@@ -72,9 +76,6 @@ class SFTRecipe:
 
     def train_step(self, window: Sequence[Batch], update) -> tuple[torch.Tensor, torch.Tensor]:
         return update(window)
-
-    def window_tokens(self, window: Sequence[Batch]) -> int:
-        return sum(batch.global_tokens for batch in window)
 
     def step_metrics(self, means: dict[str, float]) -> dict[str, float]:
         return means
