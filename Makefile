@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # A bare `torch` requirement pulls a multi-GB CUDA build; the CPU build is pinned and installed first.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo demo-align demo-rl test test-all bench install install-dev clean
+.PHONY: demo demo-align demo-rl demo-online-dpo demo-distill test test-all bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,16 @@ demo-align: $(VENV)/.installed
 # GRPO on the embedded default model with a verifiable reward (is the sum right?); independent of the other demos.
 demo-rl: $(VENV)/.installed
 	$(BIN)/python examples/demo_grpo.py
+
+# Online DPO on top of runs/velmora-sft (trained first when missing): two sampled answers per question ranked by a
+# judge (correct first, then shorter), a DPO step on each untied pair.
+demo-online-dpo: $(VENV)/.installed
+	$(BIN)/python examples/demo_online_dpo.py
+
+# On-policy distillation (GKD) of runs/velmora-sft (trained first when missing) into the untouched default model,
+# from the training questions without their answers.
+demo-distill: $(VENV)/.installed
+	$(BIN)/python examples/demo_distill.py
 
 # The fast suite (tiny models); `make test-all` adds the slow runs on the 135M default model.
 test: $(VENV)/.installed-dev

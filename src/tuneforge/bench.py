@@ -3,7 +3,8 @@
 The workload goes through the same code as ``tuneforge train`` (data pipeline, the method's recipe, the trainer's
 ``train_step``); only the timing harness is here. Which workload a method gets is its spec's question
 (``tuneforge.recipes.registry``): online methods sample from addition prompts, methods on pairs get synthetic
-pairs, methods on rows synthetic rows. One warm-up step is excluded from the timing.
+pairs, methods on rows synthetic rows, and a method that distils from a teacher answers the synthetic rows' prompts
+with the benched model as its own teacher. One warm-up step is excluded from the timing.
 
 Model FLOPs per processed token (padding excluded), N = matmul parameters of the base model including the
 output head and excluding the embedding lookup:
@@ -63,13 +64,19 @@ def synthetic_pairs(count: int = 64, seed: int = 0) -> list[dict]:
 
 
 def synthetic_prompts(count: int = 64, seed: int = 0) -> list[dict]:
-    """Fixed addition prompts with their sums as ``answer`` (online RL: the reward is the exact answer)."""
+    """Fixed addition prompts with their sums as ``answer`` (online methods: the reward is the exact answer)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(count):
         a, b = rng.randint(2, 99), rng.randint(2, 99)
         rows.append({"prompt": f"What is {a} + {b}?", "answer": str(a + b)})
     return rows
+
+
+def brevity(prompt: str, response: str, row: dict) -> float:
+    """The online workload's tie-breaker beside ``exact_answer``: minus the response's length in thousandths of a
+    point, so two samples rarely score the same and online DPO (which skips tied pairs) times its update too."""
+    return -len(response) / 1000.0
 
 
 def native_matmul(dtype: torch.dtype, device: torch.device) -> bool:
@@ -137,6 +144,10 @@ def run_bench(method: str = "sft", model: str = "default", data: str | None = No
     train_options = {"loss_chunk_size": loss_chunk_size, "compile": compile,
                      "checkpoint_fraction": checkpoint_fraction}
     spec = get(method)
+    if _has_option(spec, "teacher"):
+        return run_distill_bench(method, model, data, batch_size, max_length, steps, lora_r, dtype, full,
+                                 gradient_checkpointing, load_in, max_new_tokens, model_options=model_options,
+                                 train_options=train_options, warmup_steps=warmup_steps)
     if spec.online:
         return run_online_bench(method, model, data, batch_size, max_length, steps, lora_r, dtype, full,
                                 gradient_checkpointing, load_in, generations, max_new_tokens,
@@ -236,17 +247,17 @@ def run_online_bench(method: str, model: str, data: str | None, batch_size: int,
                      lora_r: int, dtype: str, full: bool, gradient_checkpointing: bool, load_in: str,
                      generations: int, max_new_tokens: int, model_options: dict | None = None,
                      train_options: dict | None = None, warmup_steps: int = 1) -> dict:
-    """Steps/s of an online RL method (grpo, rloo, ppo ...) on addition prompts, and where the time goes.
+    """Steps/s of an online method (grpo, rloo, ppo, online_dpo ...) on addition prompts, and where the time goes.
 
     A step samples ``generations`` responses (for a method whose section has ``num_generations``; else its own
-    count, 1 for PPO) of at most ``max_new_tokens`` for each of ``batch_size`` prompts, scores them, and updates
-    (``ppo_epochs`` passes for PPO). ``sample_share`` is the fraction of the step spent in the generation engine;
-    ``generated_tokens_per_s`` counts response tokens over the whole step. No MFU: decoding is bound by weight
-    bandwidth, not matmul throughput.
+    count: 1 for PPO, 2 for online DPO) of at most ``max_new_tokens`` for each of ``batch_size`` prompts, scores
+    them (the exact sum, with :func:`brevity` breaking ties), and updates (``ppo_epochs`` passes for PPO).
+    ``sample_share`` is the fraction of the step spent in the generation engine; ``generated_tokens_per_s`` counts
+    response tokens over the whole step. No MFU: decoding is bound by weight bandwidth, not matmul throughput.
     """
     spec = get(method)
-    options = {"max_new_tokens": max_new_tokens, "reward_functions": ["tuneforge.rewards.functions:exact_answer"],
-               "temperature": 1.0}
+    options = {"max_new_tokens": max_new_tokens, "temperature": 1.0,
+               "reward_functions": ["tuneforge.rewards.functions:exact_answer", "tuneforge.bench:brevity"]}
     if _has_option(spec, "num_generations"):
         options["num_generations"] = generations
     with tempfile.TemporaryDirectory() as scratch:
@@ -288,6 +299,62 @@ def run_online_bench(method: str, model: str, data: str | None, batch_size: int,
             "generated_tokens_per_s": round(counts["generated"] / elapsed, 2),
             "tokens_per_s": round(counts["tokens"] / elapsed, 2),
             "sample_share": round(sampling["s"] / elapsed, 3),
+            **_memory_and_machine(trainer.device),
+        }
+
+
+def run_distill_bench(method: str, model: str, data: str | None, batch_size: int, max_length: int, steps: int,
+                      lora_r: int, dtype: str, full: bool, gradient_checkpointing: bool, load_in: str,
+                      max_new_tokens: int, model_options: dict | None = None, train_options: dict | None = None,
+                      warmup_steps: int = 1) -> dict:
+    """Steps/s of a method that distils from a teacher (gkd) on the synthetic rows, every micro-batch on-policy
+    (the student answers each prompt with at most ``max_new_tokens``, then student and teacher score the answer:
+    the costly case), with the benched model as its own teacher (the cost of a teacher of the student's size).
+
+    ``tokens_per_s`` counts prompt + response tokens through the student (and the teacher), ``generated_tokens_per_s``
+    the sampled ones, ``sample_share`` the fraction of the step spent in the generation engine. No MFU: decoding is
+    bound by weight bandwidth, not matmul throughput.
+    """
+    spec = get(method)
+    options = {"teacher": model, "lmbda": 1.0, "max_new_tokens": max_new_tokens}
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = _set_up(scratch, synthetic_rows, method, model, data, batch_size, max_length, steps, lora_r,
+                          dtype, full, gradient_checkpointing, load_in, lr=1e-5, sections={spec.section: options},
+                          model_options=model_options, train_options=train_options, warmup_steps=warmup_steps)
+        recipe = trainer.recipe
+        batches = trainer.epoch_batches(shuffle=False)
+        for index in range(warmup_steps):  # untimed; _time_steps cannot make them: timing is wrapped in between
+            trainer.train_step([batches[index % len(batches)]])
+        engine, sampling = recipe.engine, {"s": 0.0}
+        sample = engine.sample
+
+        def timed_sample(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return sample(*args, **kwargs)
+            finally:
+                sampling["s"] += time.perf_counter() - start
+
+        counts = {"prompts": 0, "tokens": 0, "generated": 0, "on_policy": 0, "batches": 0}
+
+        def count(batch) -> None:
+            counts["prompts"] += len(batch)
+            for trained, on_policy in zip(recipe.last_batches, recipe.last_on_policy):
+                counts["tokens"] += trained.num_tokens
+                counts["generated"] += trained.num_trained if on_policy else 0
+                counts["on_policy"] += int(on_policy)
+                counts["batches"] += 1
+
+        engine.sample = timed_sample
+        elapsed = _time_steps(trainer, steps, count, warm_up=0)
+        return {
+            "method": method, "model": model, "dtype": dtype, "mode": "full" if full else f"lora-r{lora_r}",
+            "batch_size": batch_size, "max_length": max_length, "max_new_tokens": max_new_tokens, "steps": steps,
+            "step_time_s": round(elapsed / steps, 4), "prompts_per_s": round(counts["prompts"] / elapsed, 3),
+            "tokens_per_s": round(counts["tokens"] / elapsed, 2),
+            "generated_tokens_per_s": round(counts["generated"] / elapsed, 2),
+            "sample_share": round(sampling["s"] / elapsed, 3),
+            "on_policy": round(counts["on_policy"] / max(counts["batches"], 1), 3),
             **_memory_and_machine(trainer.device),
         }
 

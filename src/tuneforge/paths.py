@@ -42,6 +42,9 @@ RUN_CONFIG_PATHS = {
     "grpo.reward_model": "model",
     "ppo.reward_functions": "function",
     "ppo.reward_model": "model",
+    "online_dpo.reward_functions": "function",
+    "online_dpo.reward_model": "model",
+    "gkd.teacher": "model",
 }
 EVAL_CONFIG_PATHS = {
     "model": "model",

@@ -4,9 +4,11 @@
   states, the last real token of each row;
 - ``preference``: DPO and its variants (IPO's per-token means), SimPO, ORPO (its SFT term), KTO (its reference
   point z0), Bradley-Terry (reward models);
-- ``rl``: PPO, GRPO and RLOO (advantages, clipped objectives, KL estimators).
+- ``rl``: PPO, GRPO and RLOO (advantages, clipped objectives, KL estimators);
+- ``distill``: the generalised Jensen-Shannon divergence of on-policy distillation (GKD), with chunked heads.
 """
 
+from tuneforge.losses.distill import ChunkDivergence, Distillation, chunk_divergence, generalized_jsd_from_hidden
 from tuneforge.losses.preference import (DPO_LOSS_TYPES, KTOLoss, PreferenceLoss, bradley_terry_loss, dpo_loss,
                                          ipo_token_means, kto_loss, kto_reference_point, log_odds, orpo_loss,
                                          orpo_odds_ratio_loss, orpo_sft_loss_sum, response_lengths,
@@ -20,6 +22,7 @@ from tuneforge.losses.tokens import (IGNORE_INDEX, SequenceLogprobs, count_train
                                      token_logprobs)
 
 __all__ = [
+    "ChunkDivergence", "Distillation", "chunk_divergence", "generalized_jsd_from_hidden",
     "DPO_LOSS_TYPES", "KTOLoss", "PreferenceLoss", "bradley_terry_loss", "dpo_loss", "ipo_token_means", "kto_loss",
     "kto_reference_point", "log_odds", "orpo_loss", "orpo_odds_ratio_loss", "orpo_sft_loss_sum", "response_lengths",
     "sequence_logprobs", "simpo_loss",

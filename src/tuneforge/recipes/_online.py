@@ -1,4 +1,4 @@
-"""What the online RL recipes (GRPO, RLOO, PPO) compose: the section they share (:class:`RolloutConfig`) and
+"""What the online recipes (GRPO, RLOO, PPO, online DPO) compose: the section they share (:class:`RolloutConfig`) and
 :class:`OnlineRL`, the part of their recipe that is the same for all of them. Not a method (its name starts with
 ``_``): recipes import it.
 
@@ -233,9 +233,9 @@ def response_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_
 
 # ------------------------------------------------------------------------------------------ the component
 class OnlineRL:
-    """What GRPO, RLOO and PPO share, composed by their recipes (``self.online``): the prompt data, sampling and
-    scoring, the log-prob forwards of policy and reference, the rollout statistics, the update schedule and
-    greedy validation by reward. See the module docstring.
+    """What GRPO, RLOO, PPO and online DPO share, composed by their recipes (``self.online``): the prompt data,
+    sampling and scoring, the log-prob forwards of policy and reference, the rollout statistics, the update
+    schedule and greedy validation by reward. See the module docstring.
 
     A recipe gives :meth:`collect_rollouts` its ``rollout(batch)`` (one micro-batch's samples and loss inputs: an
     object with ``samples`` and a ``count`` field) and ``count(rollout)`` (what its loss sum is divided by, on
@@ -438,7 +438,8 @@ class OnlineRL:
 
     def optimise(self, rollouts: list, update: Callable) -> tuple[torch.Tensor, torch.Tensor]:
         """``ppo_epochs`` x ``mini_batches`` optimiser updates over the step's rollouts; returns (mean loss over the
-        updates and ranks, mean grad norm)."""
+        updates and ranks, mean grad norm). A group whose rollouts count nothing to train on, on all ranks (online
+        DPO's tied pairs), is no update (there is no mean over zero units); a step without any returns (0, 0)."""
         section = self.section
         groups = section.mini_batches
         size = -(-len(rollouts) // groups)  # a last, shorter window of the epoch gives fewer or smaller groups
@@ -450,11 +451,17 @@ class OnlineRL:
             order = torch.randperm(len(rollouts), generator=shuffle).tolist() if groups > 1 \
                 else list(range(len(rollouts)))
             for start in range(0, len(rollouts), size):
-                loss, grad_norm = update([rollouts[i] for i in order[start:start + size]])
+                group = [rollouts[i] for i in order[start:start + size]]
+                if not sum(item.count for item in group):  # counts are over all ranks: every rank skips it
+                    continue
+                loss, grad_norm = update(group)
                 losses.append(loss)
                 norms.append(grad_norm.detach().float())
         self.engine.sync(self.run.model)
         self.show_sample(rollouts)
+        if not losses:
+            nothing = torch.zeros((), dtype=torch.float32, device=self.run.device)
+            return nothing, nothing.clone()
         return torch.stack(losses).mean(), torch.stack(norms).mean()
 
     def show_sample(self, rollouts: Sequence[Any]) -> None:
