@@ -105,6 +105,7 @@ class GKDConfig:
         return 1
 
     def check(self, config) -> None:
+        """A teacher is required (whether it loads and shares the vocabulary is checked with the data)."""
         if not self.teacher:
             raise ConfigError("gkd.teacher: method gkd needs a teacher to distil from: a model with the student's "
                               "tokenizer, e.g. gkd: {teacher: runs/velmora-sft} (a run directory, a folder, a .gguf "
