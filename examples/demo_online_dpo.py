@@ -6,8 +6,8 @@ the current policy; a judge of reward functions (``examples/concise_judge.py``: 
 fact, minus 0.02 per word) ranks them, tied pairs are skipped, and a DPO step is taken on (better, worse) against
 the SFT model (the reference: the new adapter switched off). It prints, before (the SFT model, measured at step 0
 with ``eval.at_start``) and after, on the 36 held-out questions answered greedily: the judge's mean score, the
-answers that contain the fact, and the mean answer length; then the training pairs' statistics, three held-out
-answers before and after, and the run's report (RUN_DIR/report.html).
+answers that contain the fact, and the mean answer length; then the training answers' statistics, the held-out
+answers that changed, and the run's report (RUN_DIR/report.html).
 
     python examples/demo_online_dpo.py [key=value overrides for examples/online_dpo.yaml]
 """
@@ -26,7 +26,7 @@ from tuneforge.engine.trainer import run_training
 from tuneforge.generation import Generator
 
 HERE = Path(__file__).parent
-SHOWN = 3
+SHOWN = 4  # changed held-out answers printed
 
 
 def mean(values: list[float]) -> float:
@@ -44,7 +44,8 @@ def main(overrides: list[str]) -> int:
 
     section = config.online_dpo
     print(f"== training: online DPO (beta {section.beta}, LoRA r={config.lora.r}, 2 samples for each of "
-          f"{config.train.batch_size} prompts per step, {config.train.max_steps} steps) -> {config.train.output_dir}",
+          f"{config.train.batch_size} prompts per step, {config.train.max_steps or config.train.epochs} "
+          f"{'steps' if config.train.max_steps else 'epoch(s)'}) -> {config.train.output_dir}",
           flush=True)
     # The demo owns its run directory and replaces it on every run (a tuneforge-made folder only).
     summary = run_training(config, overwrite=True, log=log)
@@ -67,21 +68,25 @@ def main(overrides: list[str]) -> int:
     print(f"{'mean answer length (tokens, end-of-turn included)':<52}{before['val_response_length']:>10.1f}"
           f"{after['val_response_length']:>10.1f}")
     print("held-out judge score by step: " + ", ".join(f"{r['step']}: {r['val_reward']:.3f}" for r in evaluations))
-    print(f"training pairs (logged steps): tied {mean([r['tie_fraction'] for r in steps]):.0%}; better answer "
+    first, last = steps[:3], steps[-3:]  # logged steps (train.log_every)
+    print(f"training answers (sampled at T={section.temperature}; first 3 -> last 3 logged steps): judge score "
+          f"{mean([r['reward'] for r in first]):.3f} -> {mean([r['reward'] for r in last]):.3f}, containing the fact "
+          f"{mean([r['reward_contains_answer'] for r in first]):.0%} -> "
+          f"{mean([r['reward_contains_answer'] for r in last]):.0%}")
+    print(f"pairs: {mean([r['tie_fraction'] for r in steps]):.0%} tied (skipped); better answers "
           f"{mean([r['length_better'] for r in steps if 'length_better' in r]):.1f} tokens, worse "
-          f"{mean([r['length_worse'] for r in steps if 'length_worse' in r]):.1f}; implicit reward ranks the "
-          f"better first in {steps[-1].get('reward_accuracy', float('nan')):.0%} at the last logged step")
+          f"{mean([r['length_worse'] for r in steps if 'length_worse' in r]):.1f}")
 
     rows = [json.loads(line) for line in (HERE / "data" / "velmora_qa_prompts_eval.jsonl").read_text().splitlines()]
-    rows = rows[:SHOWN]
     conversations = [[Message("user", row["prompt"])] for row in rows]
     answers = {name: Generator.load(model).generate(conversations, max_new_tokens=section.max_new_tokens)
                for name, model in (("before", start_model), ("after", str(run_dir)))}
-    print()
-    for row, old, new in zip(rows, answers["before"], answers["after"]):
-        print(f"Q: {row['prompt']}  (answer {row['answer']})")
-        print(f"   before: {old!r}")
-        print(f"   after:  {new!r}")
+    changed = [i for i, (old, new) in enumerate(zip(answers["before"], answers["after"])) if old != new]
+    print(f"\n{len(changed)} of {len(rows)} held-out answers changed" + (", for example:" if changed else ""))
+    for i in changed[:SHOWN]:
+        print(f"Q: {rows[i]['prompt']}  (answer {rows[i]['answer']})")
+        print(f"   before: {answers['before'][i]!r}")
+        print(f"   after:  {answers['after'][i]!r}")
 
     from tuneforge.eval.report import write_report
 
