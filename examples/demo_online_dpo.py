@@ -3,7 +3,7 @@
 It goes on from the SFT run of ``make demo`` (runs/velmora-sft; trained first if missing). For each Velmora
 question (the training questions, with their short answers and no reference reply) it samples two answers from
 the current policy; a judge of reward functions (``examples/concise_judge.py``: 1 when the answer contains the
-fact, minus 0.02 per word) ranks them, tied pairs are skipped, and a DPO step is taken on (better, worse) against
+fact, minus 0.05 per word) ranks them, tied pairs are skipped, and a DPO step is taken on (better, worse) against
 the SFT model (the reference: the new adapter switched off). It prints, before (the SFT model, measured at step 0
 with ``eval.at_start``) and after, on the 36 held-out questions answered greedily: the judge's mean score, the
 answers that contain the fact, and the mean answer length; then the training answers' statistics, the held-out
@@ -59,8 +59,8 @@ def main(overrides: list[str]) -> int:
 
     print()
     print(f"{'36 held-out questions, greedy answers':<52}{'before':>10}{'after':>10}   (after: step {final_step})")
-    print(f"{'judge score (contains answer - 0.02 x words)':<52}{before['val_reward']:>10.3f}"
-          f"{after['val_reward']:>10.3f}")
+    judge = f"judge score (contains answer - {section.reward_weights[1]:g} x words)"
+    print(f"{judge:<52}{before['val_reward']:>10.3f}{after['val_reward']:>10.3f}")
     print(f"{'answers that contain the fact':<52}{before['val_reward_contains_answer']:>10.1%}"
           f"{after['val_reward_contains_answer']:>10.1%}")
     print(f"{'mean answer length (words)':<52}{-before['val_reward_brevity']:>10.1f}"

@@ -3,15 +3,17 @@
 The workload goes through the same code as ``tuneforge train`` (data pipeline, the method's recipe, the trainer's
 ``train_step``); only the timing harness is here. Which workload a method gets is its spec's question
 (``tuneforge.recipes.registry``): online methods sample from addition prompts, methods on pairs get synthetic
-pairs, methods on rows synthetic rows, and a method that distils from a teacher answers the synthetic rows' prompts
-with the benched model as its own teacher. One warm-up step is excluded from the timing.
+pairs, methods on rows synthetic rows (or alpaca-shaped ones: ``rows_shape``), and a method that distils from a
+teacher answers the synthetic rows' prompts with the benched model as its own teacher. One warm-up step is
+excluded from the timing.
 
 Model FLOPs per processed token (padding excluded), N = matmul parameters of the base model including the
 output head and excluding the embedding lookup:
     full fine-tuning: 6·N,   LoRA: 4·N + 6·N_lora   (LoRA skips weight gradients of the frozen base)
 plus the causal attention-score term 6·layers·hidden·T/2·2 = 6·layers·hidden·T (QKᵀ and AV, forward and twice
 backward, half of the T×T scores under the causal mask), with T the row's length. MFU divides achieved model
-FLOP/s by a matmul peak measured in the same process for the same dtype.
+FLOP/s by a matmul peak measured in the same process for the same dtype. :func:`model_flops` and
+:func:`attention_flops` are the count, shared with benchmarks/trl_sft.py so that TRL's MFU is counted alike.
 """
 
 from __future__ import annotations
@@ -47,6 +49,61 @@ def synthetic_rows(count: int = 64, seed: int = 0) -> list[dict]:
         completion = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(30, 120)))
         rows.append({"prompt": f"Repeat and continue: {prompt}", "completion": completion.capitalize() + "."})
     return rows
+
+
+_TOPICS = ("the water cycle", "compound interest", "a healthy breakfast", "photosynthesis", "remote work",
+           "public transport", "a small garden", "machine learning", "the history of paper", "saving energy at home",
+           "learning a new language", "the solar system", "good sleep habits", "a city library", "recycling",
+           "time management", "ocean tides", "a job interview", "volcanoes", "team meetings", "baking bread",
+           "climate change", "a budget for students", "the first computers", "bird migration", "healthy habits",
+           "a mountain hike", "online privacy", "electric cars", "the human heart")
+_OPENINGS = ("Explain {topic} to a beginner", "Write a short story about {topic}", "List five facts about {topic}",
+             "Summarise the main ideas of {topic}", "Describe {topic} in simple terms",
+             "Give three tips for {topic}", "Write a short poem about {topic}", "Compare {topic} and {other}",
+             "Suggest a plan for {topic}", "Write a short email about {topic}", "Classify the following into groups",
+             "Rewrite the following sentence in a formal tone", "Explain why {topic} matters")
+_CLAUSES = ("for a general audience", "in a friendly tone", "using plain words", "with one clear example",
+            "in no more than a few sentences", "as if talking to a child", "for a school newsletter",
+            "and keep it practical", "and mention one common mistake", "with a short conclusion at the end")
+_SUBJECTS = ("It", "This", "Each person", "A simple approach", "The main idea", "One useful step", "In practice, it",
+             "A good example", "The result", "An expert", "Over time, this", "The first thing")
+_VERBS = ("helps", "shows", "changes", "depends on", "improves", "explains", "affects", "needs", "brings",
+          "creates", "reduces", "supports")
+_OBJECTS = ("the way we plan our day", "how energy moves through a system", "a clear and steady routine",
+            "the cost of everyday choices", "small changes that add up", "the balance between speed and care",
+            "what happens when conditions change", "the needs of the people involved", "a better understanding",
+            "the quality of the final result", "simple tools and good habits", "the time it takes to learn")
+_ENDINGS = ("", "", " over many years", " in most cases", " when it is done well", " for everyone involved",
+            " at home and at work", " without much extra effort", " from the very start", " step by step")
+
+
+def alpaca_rows(count: int = 64, seed: int = 0) -> list[dict]:
+    """Fixed prompt/completion rows shaped like alpaca: an instruction of about 8 to 30 words ("Explain ...",
+    "Write a short ...", "List ...", "Summarise ..."), for about 40% of rows a short input part after it, and an
+    output of about 60 to 200 words of plain English sentences (about 100 to 300 tokens per row with SmolLM2's
+    tokenizer, mostly completion). Offline and deterministic for a ``seed``, like :func:`synthetic_rows`."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        topic, other = rng.sample(_TOPICS, 2)
+        words = rng.choice(_OPENINGS).format(topic=topic, other=other).split()
+        for clause in rng.sample(_CLAUSES, len(_CLAUSES)):
+            if len(words) >= rng.randint(8, 30):
+                break
+            words += clause.split()
+        prompt = " ".join(words) + "."
+        if rng.random() < 0.4:
+            extra = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 25)))
+            prompt += f"\n\nInput: {extra.capitalize()}."
+        target, output = rng.randint(60, 200), []
+        while sum(len(sentence.split()) for sentence in output) < target:
+            output.append(f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}"
+                          f"{rng.choice(_ENDINGS)}.")
+        rows.append({"prompt": prompt, "completion": " ".join(output)})
+    return rows
+
+
+ROW_SETS = {"synthetic": synthetic_rows, "alpaca": alpaca_rows}
 
 
 def synthetic_pairs(count: int = 64, seed: int = 0) -> list[dict]:
@@ -125,47 +182,74 @@ def lora_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
 
+def attention_flops(layers: int, hidden: int, lengths) -> float:
+    """Causal attention-score FLOPs of rows of ``lengths`` tokens, forward and backward: 6·layers·hidden·Σ T²
+    (6·layers·hidden·T per token of a row of T)."""
+    return 6.0 * layers * hidden * sum(float(t) * float(t) for t in lengths)
+
+
+def model_flops(n_matmul: int, n_lora: int, full: bool, tokens: int, attention: float = 0.0) -> float:
+    """Model FLOPs of training on ``tokens`` real tokens (the module docstring's count, shared with
+    benchmarks/trl_sft.py): 6·N per token for full fine-tuning, 4·N + 6·N_lora for LoRA, plus ``attention``
+    (:func:`attention_flops`)."""
+    per_token = 6 * n_matmul if full else 4 * n_matmul + 6 * n_lora
+    return per_token * tokens + attention
+
+
 def run_bench(method: str = "sft", model: str = "default", data: str | None = None, batch_size: int = 4,
               max_length: int = 256, steps: int = 5, lora_r: int = 16, dtype: str = "float32",
               packing: bool = False, full: bool = False, gradient_checkpointing: bool = False,
               load_in: str = "none", precompute_ref: bool = False, generations: int = 4,
               max_new_tokens: int = 32, model_dtype: str = "float32", attn_implementation: str = "sdpa",
               loss_chunk_size: int = 256, rows: int = 64, warmup_steps: int = 1, compile: bool = False,
-              checkpoint_fraction: float = 1.0) -> dict:
+              checkpoint_fraction: float = 1.0, rows_shape: str = "synthetic", fused_lora: bool = True,
+              fused_activations: bool = True) -> dict:
     """Dispatch to the method's bench. ``dtype`` is the compute dtype (``bfloat16`` = bf16 autocast),
     ``model_dtype`` the dtype the weights are stored in (``bfloat16`` halves a frozen LoRA base), ``rows`` the
     number of synthetic rows when no ``data`` file is given, ``warmup_steps`` the untimed steps first (more than
-    one where shapes vary and a compiler specialises on the first ones: FlexAttention, train.compile)."""
+    one where shapes vary and a compiler specialises on the first ones: FlexAttention, train.compile).
+    ``rows_shape`` picks the SFT rows (``synthetic``: :func:`synthetic_rows`, ``alpaca``: :func:`alpaca_rows`);
+    ``fused_lora`` and ``fused_activations`` set ``lora.fused`` and ``train.fused_activations``."""
     model_options = {"dtype": model_dtype, "attn_implementation": attn_implementation}
     if load_in == "4bit":  # the 4-bit base is dequantised to the compute dtype for each matmul
         model_options["compute_dtype"] = dtype
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be 0 or more, not {warmup_steps}")
+    if rows_shape not in ROW_SETS:
+        raise ValueError(f"rows_shape must be one of {', '.join(ROW_SETS)}, not {rows_shape!r}")
     train_options = {"loss_chunk_size": loss_chunk_size, "compile": compile,
-                     "checkpoint_fraction": checkpoint_fraction}
+                     "checkpoint_fraction": checkpoint_fraction, "fused_activations": fused_activations}
+    lora_options = {"fused": fused_lora}
+    switches = {"fused_lora": fused_lora, "fused_activations": fused_activations}
     spec = get(method)
+    if rows_shape != "synthetic" and (_has_option(spec, "teacher") or spec.online or spec.data != "rows"):
+        raise ConfigError(f"bench: --row-set {rows_shape} applies to methods on rows (sft); method {method} "
+                          "keeps its own workload (synthetic pairs, addition prompts or synthetic rows)")
     if _has_option(spec, "teacher"):
-        return run_distill_bench(method, model, data, batch_size, max_length, steps, lora_r, dtype, full,
-                                 gradient_checkpointing, load_in, max_new_tokens, model_options=model_options,
-                                 train_options=train_options, warmup_steps=warmup_steps)
+        return {**run_distill_bench(method, model, data, batch_size, max_length, steps, lora_r, dtype, full,
+                                    gradient_checkpointing, load_in, max_new_tokens, model_options=model_options,
+                                    train_options=train_options, warmup_steps=warmup_steps,
+                                    lora_options=lora_options), **switches}
     if spec.online:
-        return run_online_bench(method, model, data, batch_size, max_length, steps, lora_r, dtype, full,
-                                gradient_checkpointing, load_in, generations, max_new_tokens,
-                                model_options=model_options, train_options=train_options, warmup_steps=warmup_steps)
+        return {**run_online_bench(method, model, data, batch_size, max_length, steps, lora_r, dtype, full,
+                                   gradient_checkpointing, load_in, generations, max_new_tokens,
+                                   model_options=model_options, train_options=train_options,
+                                   warmup_steps=warmup_steps, lora_options=lora_options), **switches}
     if spec.data == "pairs":
-        return run_preference_bench(method, model, data, batch_size, max_length, steps, lora_r, dtype, full,
-                                    gradient_checkpointing, load_in, precompute_ref, model_options=model_options,
-                                    train_options=train_options, warmup_steps=warmup_steps)
+        return {**run_preference_bench(method, model, data, batch_size, max_length, steps, lora_r, dtype, full,
+                                       gradient_checkpointing, load_in, precompute_ref, model_options=model_options,
+                                       train_options=train_options, warmup_steps=warmup_steps,
+                                       lora_options=lora_options), **switches}
     if spec.data != "rows":
         benched = ", ".join(name for name, other in methods().items()
                             if other.online or other.data in ("rows", "pairs"))
         raise ConfigError(f"bench: method {method} trains on {spec.data} rows, for which the bench has no synthetic "
                           f"workload; use one of {benched}")
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = _set_up(scratch, lambda: synthetic_rows(rows), method, model, data, batch_size, max_length, steps,
-                         lora_r, dtype, full, gradient_checkpointing, load_in, lr=1e-4,
-                         data_options={"packing": packing}, model_options=model_options,
-                         train_options=train_options, warmup_steps=warmup_steps)
+        trainer = _set_up(scratch, lambda: ROW_SETS[rows_shape](rows), method, model, data, batch_size, max_length,
+                          steps, lora_r, dtype, full, gradient_checkpointing, load_in, lr=1e-4,
+                          data_options={"packing": packing}, model_options=model_options,
+                          train_options=train_options, warmup_steps=warmup_steps, lora_options=lora_options)
         counts = {"tokens": 0, "trained": 0, "attention_flops": 0.0}
         cfg = trainer.model.config
 
@@ -178,20 +262,19 @@ def run_bench(method: str = "sft", model: str = "default", data: str | None = No
         elapsed = _time_steps(trainer, steps, count, warmup_steps)
         n_matmul = matmul_parameters(trainer.model)
         n_lora = lora_parameters(trainer.model)
-        per_token = 6 * n_matmul if full else 4 * n_matmul + 6 * n_lora
-        model_flops = per_token * counts["tokens"] + counts["attention_flops"]
+        flops = model_flops(n_matmul, n_lora, full, counts["tokens"], counts["attention_flops"])
         peak = measure_matmul_peak(torch.bfloat16 if dtype == "bfloat16" else torch.float32, trainer.device)
         return {
             "method": method, "model": model, "dtype": dtype, "model_dtype": model_dtype,
             "attn_implementation": attn_implementation, "mode": "full" if full else f"lora-r{lora_r}",
             "batch_size": batch_size, "max_length": max_length, "packing": packing, "steps": steps,
             "gradient_checkpointing": gradient_checkpointing, "checkpoint_fraction": checkpoint_fraction,
-            "load_in": load_in, "compile": compile,
+            "load_in": load_in, "compile": compile, "row_set": rows_shape if data is None else "file", **switches,
             "tokens_per_s": round(counts["tokens"] / elapsed, 2),
             "trained_tokens_per_s": round(counts["trained"] / elapsed, 2),
             "step_time_s": round(elapsed / steps, 4),
-            "mfu": round(model_flops / elapsed / peak, 4) if peak else None,
-            "model_gflop_per_s": round(model_flops / elapsed / 1e9, 2),
+            "mfu": round(flops / elapsed / peak, 4) if peak else None,
+            "model_gflop_per_s": round(flops / elapsed / 1e9, 2),
             "matmul_peak_gflop_per_s": round(peak / 1e9, 2) if peak else None,
             "matmul_params": n_matmul, "lora_params": n_lora,
             **_memory_and_machine(trainer.device), "cpus": os.cpu_count(),
@@ -201,7 +284,8 @@ def run_bench(method: str = "sft", model: str = "default", data: str | None = No
 def run_preference_bench(method: str, model: str, data: str | None, batch_size: int, max_length: int, steps: int,
                          lora_r: int, dtype: str, full: bool, gradient_checkpointing: bool, load_in: str,
                          precompute_ref: bool, model_options: dict | None = None,
-                         train_options: dict | None = None, warmup_steps: int = 1) -> dict:
+                         train_options: dict | None = None, warmup_steps: int = 1,
+                         lora_options: dict | None = None) -> dict:
     """Pairs/s, tokens/s and peak memory of training a method on pairs (dpo, simpo, orpo, reward ...).
 
     Model FLOPs count the policy's forward and backward on both sides of each pair (4·N per token for LoRA, 6·N
@@ -216,7 +300,8 @@ def run_preference_bench(method: str, model: str, data: str | None, batch_size: 
         trainer = _set_up(scratch, synthetic_pairs, method, model, data, batch_size, max_length, steps, lora_r,
                           dtype, full, gradient_checkpointing, load_in, lr=1e-5,
                           sections={spec.section: {"precompute_ref": True}} if precompute_ref else None,
-                          model_options=model_options, train_options=train_options, warmup_steps=warmup_steps)
+                          model_options=model_options, train_options=train_options, warmup_steps=warmup_steps,
+                          lora_options=lora_options)
         setup_s = time.perf_counter() - setup_start
         counts = {"pairs": 0, "tokens": 0}
 
@@ -246,7 +331,8 @@ def run_preference_bench(method: str, model: str, data: str | None, batch_size: 
 def run_online_bench(method: str, model: str, data: str | None, batch_size: int, max_length: int, steps: int,
                      lora_r: int, dtype: str, full: bool, gradient_checkpointing: bool, load_in: str,
                      generations: int, max_new_tokens: int, model_options: dict | None = None,
-                     train_options: dict | None = None, warmup_steps: int = 1) -> dict:
+                     train_options: dict | None = None, warmup_steps: int = 1,
+                     lora_options: dict | None = None) -> dict:
     """Steps/s of an online method (grpo, rloo, ppo, online_dpo ...) on addition prompts, and where the time goes.
 
     A step samples ``generations`` responses (for a method whose section has ``num_generations``; else its own
@@ -263,17 +349,11 @@ def run_online_bench(method: str, model: str, data: str | None, batch_size: int,
     with tempfile.TemporaryDirectory() as scratch:
         trainer = _set_up(scratch, synthetic_prompts, method, model, data, batch_size, max_length, steps, lora_r,
                           dtype, full, gradient_checkpointing, load_in, lr=1e-5, sections={spec.section: options},
-                          model_options=model_options, train_options=train_options, warmup_steps=warmup_steps)
+                          model_options=model_options, train_options=train_options, warmup_steps=warmup_steps,
+                          lora_options=lora_options)
         recipe = trainer.recipe
         engine, sampling = recipe.engine, {"s": 0.0}
-        sample = engine.sample
-
-        def timed_sample(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return sample(*args, **kwargs)
-            finally:
-                sampling["s"] += time.perf_counter() - start
+        timed_sample = _timed(engine.sample, sampling)
 
         counts = {"prompts": 0, "responses": 0, "generated": 0, "tokens": 0}
 
@@ -306,7 +386,7 @@ def run_online_bench(method: str, model: str, data: str | None, batch_size: int,
 def run_distill_bench(method: str, model: str, data: str | None, batch_size: int, max_length: int, steps: int,
                       lora_r: int, dtype: str, full: bool, gradient_checkpointing: bool, load_in: str,
                       max_new_tokens: int, model_options: dict | None = None, train_options: dict | None = None,
-                      warmup_steps: int = 1) -> dict:
+                      warmup_steps: int = 1, lora_options: dict | None = None) -> dict:
     """Steps/s of a method that distils from a teacher (gkd) on the synthetic rows, every micro-batch on-policy
     (the student answers each prompt with at most ``max_new_tokens``, then student and teacher score the answer:
     the costly case), with the benched model as its own teacher (the cost of a teacher of the student's size).
@@ -320,20 +400,14 @@ def run_distill_bench(method: str, model: str, data: str | None, batch_size: int
     with tempfile.TemporaryDirectory() as scratch:
         trainer = _set_up(scratch, synthetic_rows, method, model, data, batch_size, max_length, steps, lora_r,
                           dtype, full, gradient_checkpointing, load_in, lr=1e-5, sections={spec.section: options},
-                          model_options=model_options, train_options=train_options, warmup_steps=warmup_steps)
+                          model_options=model_options, train_options=train_options, warmup_steps=warmup_steps,
+                          lora_options=lora_options)
         recipe = trainer.recipe
         batches = trainer.epoch_batches(shuffle=False)
         for index in range(warmup_steps):  # untimed; _time_steps cannot make them: timing is wrapped in between
             trainer.train_step([batches[index % len(batches)]])
         engine, sampling = recipe.engine, {"s": 0.0}
-        sample = engine.sample
-
-        def timed_sample(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return sample(*args, **kwargs)
-            finally:
-                sampling["s"] += time.perf_counter() - start
+        timed_sample = _timed(engine.sample, sampling)
 
         counts = {"prompts": 0, "tokens": 0, "generated": 0, "on_policy": 0, "batches": 0}
 
@@ -359,6 +433,18 @@ def run_distill_bench(method: str, model: str, data: str | None, batch_size: int
         }
 
 
+def _timed(sample, seconds: dict):
+    """``sample`` that adds the time each call takes to ``seconds["s"]`` (the bench's sampling share)."""
+    def timed_sample(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return sample(*args, **kwargs)
+        finally:
+            seconds["s"] += time.perf_counter() - start
+
+    return timed_sample
+
+
 def _has_option(spec: MethodSpec, name: str) -> bool:
     """Whether the method's own section has the option ``name``."""
     return spec.section_class is not None and name in {f.name for f in dataclasses.fields(spec.section_class)}
@@ -367,7 +453,7 @@ def _has_option(spec: MethodSpec, name: str) -> bool:
 def _set_up(scratch: str, synthetic, method: str, model: str, data: str | None, batch_size: int, max_length: int,
             steps: int, lora_r: int, dtype: str, full: bool, gradient_checkpointing: bool, load_in: str, lr: float,
             data_options: dict | None = None, sections: dict | None = None, model_options: dict | None = None,
-            train_options: dict | None = None, warmup_steps: int = 1):
+            train_options: dict | None = None, warmup_steps: int = 1, lora_options: dict | None = None):
     """A trainer of ``method`` set up for ``steps`` + ``warmup_steps`` steps on ``data`` (or the ``synthetic()``
     rows written to ``scratch``), rows in file order, writing no run directory."""
     from tuneforge.engine.trainer import Trainer  # torch, transformers and the model stack: only when benching
@@ -379,7 +465,7 @@ def _set_up(scratch: str, synthetic, method: str, model: str, data: str | None, 
         "method": method,
         "model": {"name_or_path": model, "dtype": "float32", "load_in": load_in, **(model_options or {})},
         "data": {"train": data, "max_length": max_length, "shuffle": False, **(data_options or {})},
-        "lora": {"enabled": not full, "r": lora_r, "alpha": 2 * lora_r},
+        "lora": {"enabled": not full, "r": lora_r, "alpha": 2 * lora_r, **(lora_options or {})},
         "train": {"output_dir": str(Path(scratch) / "run"), "batch_size": batch_size, "epochs": 1000,
                   "max_steps": steps + warmup_steps, "lr": lr, "seed": 0,
                   "mixed_precision": "bf16" if dtype == "bfloat16" else "no",
@@ -427,14 +513,18 @@ def _memory_and_machine(device: torch.device) -> dict:
 
 def _attention_flops(batch, cfg, lengths) -> float:
     """6·layers·hidden·Σ T_i² over the samples of the batch (causal scores, forward + backward)."""
-    layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
     if lengths is None:  # packed: per-sample lengths from position-id restarts
-        starts = (batch.position_ids == 0)
-        sizes = []
-        for row, row_starts in zip(batch.position_ids, starts):
-            idx = torch.nonzero(row_starts).flatten().tolist() + [len(row)]
-            sizes += [b - a for a, b in zip(idx[:-1], idx[1:])]
-        squares = sum(s * s for s in sizes)
+        lengths = packed_lengths(batch.position_ids)
     else:
-        squares = float((lengths.double() ** 2).sum())
-    return 6.0 * layers * hidden * squares
+        lengths = lengths.tolist()
+    return attention_flops(cfg.num_hidden_layers, cfg.hidden_size, lengths)
+
+
+def packed_lengths(position_ids: torch.Tensor) -> list[int]:
+    """Lengths of the samples packed into each row of ``position_ids`` (a sample starts where positions restart
+    at 0); also used by benchmarks/trl_sft.py on TRL's padding-free batches."""
+    sizes = []
+    for row in position_ids.reshape(-1, position_ids.shape[-1]):
+        idx = torch.nonzero(row == 0).flatten().tolist() + [len(row)]
+        sizes += [b - a for a, b in zip(idx[:-1], idx[1:])]
+    return sizes

@@ -323,7 +323,8 @@ def _bench(args) -> int:
                        max_new_tokens=args.max_new_tokens, model_dtype=args.model_dtype,
                        attn_implementation=args.attn_implementation, loss_chunk_size=args.loss_chunk_size,
                        rows=args.rows, warmup_steps=args.warmup_steps, compile=args.compile,
-                       checkpoint_fraction=args.checkpoint_fraction)
+                       checkpoint_fraction=args.checkpoint_fraction, rows_shape=args.row_set,
+                       fused_lora=not args.no_fused_lora, fused_activations=not args.no_fused_activations)
     print(json.dumps(result))
     return 0
 
@@ -542,6 +543,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model.attn_implementation (flex_attention: packed rows skip masked blocks; CUDA)")
     bench.add_argument("--loss-chunk-size", type=int, default=256, help="train.loss_chunk_size (default 256)")
     bench.add_argument("--rows", type=int, default=64, help="synthetic rows when --data is not given (default 64)")
+    bench.add_argument("--row-set", default="synthetic", choices=["synthetic", "alpaca"],
+                       help="the rows of a method on rows when --data is not given: synthetic (word-list rows, about "
+                            "60-250 tokens) or alpaca (instruction, sometimes an input, a longer answer; about "
+                            "100-300 tokens, mostly completion); default synthetic")
+    bench.add_argument("--no-fused-lora", action="store_true",
+                       help="lora.fused: false (PEFT's LoRA layers instead of the fused LoRA autograd path)")
+    bench.add_argument("--no-fused-activations", action="store_true",
+                       help="train.fused_activations: false (the model's own RMSNorm/SwiGLU)")
     bench.add_argument("--warmup-steps", type=int, default=1, help="untimed steps first (default 1)")
     bench.add_argument("--compile", action="store_true", help="train.compile: torch.compile the decoder (sft)")
     bench.add_argument("--checkpoint-fraction", type=float, default=1.0,

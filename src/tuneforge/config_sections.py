@@ -108,6 +108,9 @@ class LoraConfig:
         bias: ``none``, ``all`` or ``lora_only``.
         use_rslora: rank-stabilised scaling alpha/sqrt(r).
         use_dora: weight-decomposed LoRA (DoRA).
+        fused: run adapters through tuneforge's fused LoRA functions (one dropout mask and one A-matmul per group
+            of projections that read the same input, x saved once); false uses PEFT's module graph; the saved
+            adapter is standard PEFT either way.
     """
 
     enabled: bool = True
@@ -118,6 +121,7 @@ class LoraConfig:
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
     use_dora: bool = False
+    fused: bool = True
 
 
 @dataclass
@@ -155,6 +159,9 @@ class TrainConfig:
         compile: compile the model's decoder with ``torch.compile`` (dynamic shapes: batches of other lengths reuse
             the compiled code); the first step, and the first evaluation, pay the compile time. Method sft, one
             process or ddp; on CPU it needs a C++ compiler (``g++``, or ``$CXX``); default false.
+        fused_activations: RMSNorm and SwiGLU through tuneforge's autograd functions that keep less for backward
+            (x and one rstd per row; the gate and up inputs), with exact gradients; false keeps transformers'
+            modules.
     """
 
     output_dir: str = "runs/sft"
@@ -177,6 +184,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     checkpoint_fraction: float = 1.0
     compile: bool = False
+    fused_activations: bool = True
 
 
 # Names eval.generation_metrics accepts besides user metrics: the answer metrics of

@@ -19,6 +19,8 @@ from tuneforge.engine.distributed import DistInfo
 from tuneforge.errors import ConfigError
 from tuneforge.models.adapters import add_lora, causal_lm, decoder_and_head, prepare_quantized
 from tuneforge.models.dropout import use_fast_dropout
+from tuneforge.models.fused_lora import fuse_lora
+from tuneforge.models.lean_activations import use_lean_activations
 from tuneforge.models.loading import ModelSource, Quantization, load_model
 from tuneforge.models.memory import GB, device_memory_bytes, recomputed_layers, shape_from_config
 from tuneforge.models.memory import estimate as estimate_memory
@@ -115,6 +117,13 @@ def build_model(config: RunConfig, spec: MethodSpec, source: ModelSource, dist: 
         model.requires_grad_(True)
     if config.lora.enabled:
         use_fast_dropout(model)  # PEFT's per-adapter nn.Dropout is a fifth of a CPU step; see models/dropout.py
+        if config.lora.fused:
+            # One dropout mask and one A-matmul per group of projections reading the same input, x kept once for
+            # backward; the fused function draws its own masks (FastDropout stays for layers on PEFT's path).
+            fuse_lora(model, log)
+    if config.train.fused_activations:
+        # RMSNorm and SwiGLU through autograd functions that keep less for backward (models/lean_activations.py).
+        use_lean_activations(model, log)
     model.to(device)
     if config.train.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.

@@ -254,6 +254,7 @@ class GKDRecipe:
 
     def __init__(self, run):
         self.run = run
+        self.inputs = self  # prompts (and responses), tokenised, batched; samples drawn in train_step
         self.section: GKDConfig = run.config.method_section
         model = run.config.model
         self.teacher = Teacher(self.section.teacher, "gkd.teacher", self.section.teacher_dtype or model.dtype,
@@ -266,7 +267,7 @@ class GKDRecipe:
         self._last_sample: tuple[Sequence[int], Sequence[int]] | None = None  # (prompt, response) ids
 
     # ----------------------------------------------------------------------------------------------- data
-    def read_data(self):
+    def read(self):
         read = read_data(self.run.config, load_rows)
         if self.section.lmbda < 1:
             missing = next((row for row in read.train if row.conversation is None), None)

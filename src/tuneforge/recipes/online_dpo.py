@@ -162,26 +162,12 @@ class OnlineDPORecipe:
     def __init__(self, run):
         self.run = run
         self.online = OnlineRL(run)
+        self.inputs = self.online  # what it trains on: read, tokenised and batched
         self.section: OnlineDPOConfig = self.online.section
 
     # ------------------------------------------------------------------------ what online methods share
-    def read_data(self):
-        return self.online.read_data()
-
-    def tokenize(self, read):
-        return self.online.tokenize(read)
-
-    def sequence_shape(self) -> tuple[int, int]:
-        return self.online.sequence_shape()
-
-    def epoch_batches(self, generator: torch.Generator | None) -> list[PromptBatch]:
-        return self.online.epoch_batches(generator)
-
     def prepare_model(self, model: torch.nn.Module) -> None:
         self.online.prepare_model(model)
-
-    def window_tokens(self, window: Sequence[PromptBatch]) -> int:
-        return self.online.window_tokens()
 
     def evaluate(self) -> dict | None:
         return self.online.evaluate()
