@@ -79,6 +79,23 @@ def read_prompt_data(config: RunConfig) -> ReadData:
     return read_data(config, load_prompt_rows)
 
 
+def leaves_room(row, prompt_tokens: int, config: RunConfig, report: DataReport) -> bool:
+    """Whether a prompt of ``prompt_tokens`` leaves room for the method's ``max_new_tokens`` within
+    ``data.max_length``; one that does not raises (``data.on_truncation: raise``) or is counted as dropped.
+    ``row`` is any row with ``source`` and ``number`` (for the error's file and row)."""
+    section = get(config.method).section
+    new_tokens = config.method_section.max_new_tokens
+    if prompt_tokens <= config.data.max_length - new_tokens:
+        return True
+    if config.data.on_truncation == "raise":
+        raise DataError(row.source, row.number, "prompt",
+                        f"{prompt_tokens} prompt tokens + {section}.max_new_tokens={new_tokens} exceed "
+                        f"data.max_length={config.data.max_length}; raise data.max_length or shorten the prompt",
+                        "prompt_too_long")
+    report.dropped["prompt_too_long"] += 1
+    return False
+
+
 def tokenize_prompts(rows: list[PromptRow], template, tokenizer, config: RunConfig,
                      report: DataReport) -> list[PromptExample]:
     """Tokenise each prompt with the assistant header appended; drop (or raise on) prompts that leave no room for
@@ -89,13 +106,7 @@ def tokenize_prompts(rows: list[PromptRow], template, tokenizer, config: RunConf
     examples = []
     for row in rows:
         ids, text = encode_prompt(Conversation(list(row.prompt)), template, tokenizer)
-        if len(ids) > room:
-            if config.data.on_truncation == "raise":
-                raise DataError(row.source, row.number, "prompt",
-                                f"{len(ids)} prompt tokens + {section}.max_new_tokens={new_tokens} exceed "
-                                f"data.max_length={config.data.max_length}; raise data.max_length or shorten the "
-                                "prompt", "prompt_too_long")
-            report.dropped["prompt_too_long"] += 1
+        if not leaves_room(row, len(ids), config, report):
             continue
         report.kept += 1
         report.tokens += len(ids)

@@ -50,6 +50,7 @@ from tuneforge.data.formats import Conversation, Message, _Checker
 from tuneforge.data.mixture import is_source_value, load_sources, source_name, tokenize_sources
 from tuneforge.data.prepare import PreparedData, read_data
 from tuneforge.data.preference import _add_system, _explicit_prompt
+from tuneforge.data.prompts import leaves_room
 from tuneforge.data.readers import BadRow, read_rows
 from tuneforge.data.tokenize import Example, encode_prompt
 from tuneforge.data.templates import load_template
@@ -191,18 +192,10 @@ def tokenize_rows(rows: list[DistillRow], template, tokenizer, config: RunConfig
     """Tokenise ``rows``; with ``samples`` (the student will answer them), a prompt that leaves no room for
     ``gkd.max_new_tokens`` within ``data.max_length`` is dropped (``data.on_truncation: drop``) or raises. A
     prompt row is always answered by the student."""
-    new_tokens = config.method_section.max_new_tokens
-    room = config.data.max_length - new_tokens
     examples = []
     for row in rows:
         prompt_ids, _ = encode_prompt(Conversation(list(row.prompt)), template, tokenizer)
-        if (samples or row.conversation is None) and len(prompt_ids) > room:
-            if config.data.on_truncation == "raise":
-                raise DataError(row.source, row.number, "prompt",
-                                f"{len(prompt_ids)} prompt tokens + gkd.max_new_tokens={new_tokens} exceed "
-                                f"data.max_length={config.data.max_length}; raise data.max_length or shorten the "
-                                "prompt", "prompt_too_long")
-            report.dropped["prompt_too_long"] += 1
+        if (samples or row.conversation is None) and not leaves_room(row, len(prompt_ids), config, report):
             continue
         response = None
         if row.conversation is not None:
